@@ -1,0 +1,39 @@
+# One entry point for a fresh machine: `make test` installs everything the tests need into
+# .venv (torch pinned, Fashion-MNIST from Debian, Chromium for the browser test) and runs them.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-dev data browser test test-fast quickstart lint
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python data
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev]"
+
+# Real images for tests, the benchmark and the demo gallery (see docs/data.md).
+data:
+	@test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || \
+	  ( $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist )
+
+browser:
+	@test -x /usr/bin/chromium || \
+	  ( $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium )
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test: install-dev browser
+	$(BIN)/python -m pytest -q
+
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+lint:
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

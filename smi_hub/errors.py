@@ -1,0 +1,25 @@
+"""Exceptions raised by smi_hub. Each message says what was wrong and how to fix it."""
+
+
+class SMIHubError(Exception):
+    """Base class of every smi_hub error."""
+
+
+class WeightsError(SMIHubError, ValueError):
+    """A weights folder or file is missing, corrupt, tampered with or for another architecture."""
+
+
+class ChecksumError(WeightsError):
+    """A weights file's sha256 differs from the one it was published with."""
+
+
+class UnsupportedFormatError(WeightsError):
+    """config.json was written by a newer smi-hub than the one installed."""
+
+
+class WeightsNotPublishedError(SMIHubError):
+    """A registry entry whose weights have not been trained and published yet."""
+
+
+class ImageLoadError(SMIHubError, ValueError):
+    """An image file could not be read or is unusable (corrupt, truncated, too large)."""

@@ -1,0 +1,262 @@
+"""SMIModel: a torchvision-layout ResNet backbone plus the SMI projector MLP.
+
+The backbone's modules sit at the top level of the model (``conv1``, ``bn1``, ``layer1`` ...
+``layer4``), so backbone tensor names are exactly torchvision's ResNet names and a backbone-only
+state dict loads with ``strict=True`` into ``torchvision.models.resnetXX()`` once its ``fc`` is
+removed. The projector lives under ``projector.*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+from smi_hub.errors import WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# arch -> (block type, blocks per stage)
+ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def _make_stage(
+    block: type[BasicBlock] | type[Bottleneck], inplanes: int, planes: int, blocks: int, stride: int
+) -> nn.Sequential:
+    """One ResNet stage with torchvision's module names (``0.conv1``, ``0.downsample.0`` ...)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            conv1x1(inplanes, planes * block.expansion, stride),
+            nn.BatchNorm2d(planes * block.expansion),
+        )
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
+def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Sequential:
+    """Barlow Twins-style projector: (Linear-BN-ReLU) x (len(dims) - 1), then a last Linear."""
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for width in dims[:-1]:
+        layers += [nn.Linear(prev, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        prev = width
+    layers.append(nn.Linear(prev, dims[-1], bias=False))
+    return nn.Sequential(*layers)
+
+
+class SMIModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="smi-hub",
+    tags=["self-supervised-learning", "smi", "image-feature-extraction"],
+    license="apache-2.0",
+    repo_url="https://github.com/smi-hub/smi-hub",
+):
+    """ResNet backbone + projector trained with the SMI objective.
+
+    Args:
+        arch: ``resnet18``, ``resnet34`` or ``resnet50``.
+        base_width: channels of the first stage (64 is torchvision's ResNet; smaller values
+            give proportionally narrower models with the same tensor names).
+        small_stem: 3x3 stride-1 first convolution and no max-pool, for 28-96 px images.
+        projector_dims: widths of the projector layers; empty for a backbone-only model,
+            whose ``forward`` then returns the pooled backbone features.
+        image_size: input resolution the weights were trained at (metadata for transforms).
+        mean, std: per-channel normalization the weights expect (metadata for transforms).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        base_width: int = 64,
+        small_stem: bool = False,
+        projector_dims: Sequence[int] = (8192, 8192, 8192),
+        image_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"Unknown arch {arch!r}; choose one of {sorted(ARCHS)}.")
+        if base_width < 1:
+            raise ValueError(f"base_width must be a positive integer, got {base_width}.")
+        if any(int(d) < 1 for d in projector_dims):
+            raise ValueError(f"projector_dims must be positive widths, got {list(projector_dims)}.")
+        self.arch = arch
+        self.base_width = int(base_width)
+        self.small_stem = bool(small_stem)
+        self.projector_dims = [int(d) for d in projector_dims]
+        self.image_size = int(image_size)
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+
+        block, blocks = ARCHS[arch]
+        w = self.base_width
+        if small_stem:
+            self.conv1 = nn.Conv2d(3, w, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        inplanes = w
+        for i, n in enumerate(blocks):
+            planes = w * 2**i
+            stage = _make_stage(block, inplanes, planes, n, stride=1 if i == 0 else 2)
+            setattr(self, f"layer{i + 1}", stage)
+            inplanes = planes * block.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = inplanes
+        self.projector = (
+            build_projector(self.num_features, self.projector_dims) if self.projector_dims else None
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """torchvision's ResNet initialization (Kaiming fan-out convs, BN weight 1 bias 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments; ``SMIModel(**model.config)`` rebuilds the architecture."""
+        return {
+            "arch": self.arch,
+            "base_width": self.base_width,
+            "small_stem": self.small_stem,
+            "projector_dims": list(self.projector_dims),
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"SMIModel expects a float batch of RGB images B x 3 x H x W, got shape "
+                f"{tuple(x.shape)}; convert grayscale/RGBA images to RGB first "
+                "(smi_hub.get_transforms does)."
+            )
+
+    def forward_intermediates(
+        self, x: torch.Tensor, layers: Sequence[str] = STAGES[1:]
+    ) -> dict[str, torch.Tensor]:
+        """Spatial feature maps of the requested stages (``stem``, ``layer1`` ... ``layer4``)."""
+        self._check_input(x)
+        unknown = [name for name in layers if name not in STAGES]
+        if unknown:
+            raise ValueError(f"Unknown layers {unknown}; choose from {list(STAGES)}.")
+        out: dict[str, torch.Tensor] = {}
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if "stem" in layers:
+            out["stem"] = x
+        last = max(STAGES.index(name) for name in layers) if layers else 0
+        for i in range(1, last + 1):
+            x = getattr(self, f"layer{i}")(x)
+            if f"layer{i}" in layers:
+                out[f"layer{i}"] = x
+        return out
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage spatial feature map, B x C x h x w."""
+        return self.forward_intermediates(x, layers=("layer4",))["layer4"]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally average-pooled backbone features, B x C (2048 for ResNet-50)."""
+        return torch.flatten(self.avgpool(self.forward_features(x)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Projector embedding (the space the SMI loss is computed in); pooled features if the
+        model has no projector."""
+        h = self.embed(x)
+        return self.projector(h) if self.projector is not None else h
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict without the projector: torchvision ResNet names, ``fc`` excluded."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("projector.")}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Hugging Face mixin hook: write the smi-hub weights folder format."""
+        from smi_hub.weights import save_weights_folder
+
+        save_weights_folder(self, save_directory)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        **model_kwargs,
+    ) -> SMIModel:
+        """Hugging Face mixin hook: resolve the folder or repo, then load strictly."""
+        from smi_hub.weights import load_weights_folder, resolve_hf_folder
+
+        folder = resolve_hf_folder(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        model_kwargs.pop("strict", None)  # loading is always strict
+        return load_weights_folder(folder, device=map_location)
+
+
+def load_state_dict_strict(model: SMIModel, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load ``state_dict`` into ``model`` requiring every key and shape to match.
+
+    A weights file without ``projector.*`` tensors is accepted only by a model built without a
+    projector; anything else missing, unexpected or of the wrong shape raises ``WeightsError``
+    naming the offending tensors.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if state_dict[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (f" ... (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors: {head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors: {head(unexpected)}")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} shape mismatches: {head(wrong_shape)}")
+        raise WeightsError(
+            f"Weights do not match the {model.arch} architecture "
+            f"(base_width={model.base_width}, small_stem={model.small_stem}, "
+            f"projector_dims={model.projector_dims}): " + "; ".join(parts) + ". "
+            "Check that config.json describes the same architecture the weights were saved from."
+        )
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,1 @@
+"""SMI pretraining and evaluation (needs the ``train`` extra: ``pip install -e ".[train]"``)."""

@@ -1,0 +1,210 @@
+"""Self-supervised objectives with one interface: ``loss(z_a, z_b) -> scalar``.
+
+``z_a`` and ``z_b`` are the projector outputs of two augmented views, N x D, row i of each
+coming from the same image. Under torch.distributed the embeddings of all ranks are gathered
+first (with gradients), so every loss equals the single-process loss on the global batch.
+See docs/method.md for the formulas and their costs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.distributed import gather_with_grad
+
+
+def check_embeddings(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``z_a`` and ``z_b`` are equal-shape, finite, N x D with N >= 2."""
+    if not (isinstance(z_a, torch.Tensor) and isinstance(z_b, torch.Tensor)):
+        raise TypeError("z_a and z_b must be torch tensors (projector outputs of the two views).")
+    if z_a.ndim != 2 or z_b.ndim != 2:
+        raise ValueError(
+            f"Embeddings must be 2-D (N x D), got shapes {tuple(z_a.shape)} and "
+            f"{tuple(z_b.shape)}; flatten or pool feature maps before the loss."
+        )
+    if z_a.shape != z_b.shape:
+        raise ValueError(
+            f"The two views' embeddings must have the same shape, got {tuple(z_a.shape)} and "
+            f"{tuple(z_b.shape)}; pass the same images through both views."
+        )
+    if z_a.shape[0] < 2:
+        raise ValueError(f"Need a batch of at least 2 samples, got N={z_a.shape[0]}.")
+    if not (torch.isfinite(z_a).all() and torch.isfinite(z_b).all()):
+        raise ValueError(
+            "Embeddings contain NaN or Inf: the model has diverged (lower the learning rate, "
+            "check the data) before the loss was computed."
+        )
+
+
+def off_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square matrix, flattened."""
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+class SMILoss(nn.Module):
+    """Semantic Mutual Information loss on the N x N sample-level dependency matrix.
+
+    1. standardize each sample across its D features (zero mean, unit variance);
+    2. ``R = z_a_std @ z_b_std.T / D``: correlation of every pair of samples, in [-1, 1];
+    3. ``M = -1/2 log(1 - R^2)``: Gaussian mutual information of each pair;
+    4. ``loss = -diag_weight * mean(diag M) + lambda_offdiag * mean(offdiag M)``.
+
+    Args:
+        lambda_offdiag: weight of the mean dependence between different images (minimized).
+        diag_weight: weight of the mean dependence of the two views of one image (maximized).
+        eps: ``R^2`` is clamped to at most ``1 - eps`` so identical views give a finite loss
+            (at most ``-1/2 log(eps)`` per pair) and finite gradients.
+        std_eps: added to each sample's feature variance before the square root, so a constant
+            embedding standardizes to zeros instead of NaN.
+        gather: gather embeddings from all ranks under torch.distributed (global-batch loss).
+    """
+
+    def __init__(
+        self,
+        lambda_offdiag: float = 1.0,
+        diag_weight: float = 1.0,
+        eps: float = 1e-4,
+        std_eps: float = 1e-5,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps must be in (0, 1), got {eps}.")
+        if std_eps <= 0:
+            raise ValueError(f"std_eps must be positive, got {std_eps}.")
+        self.lambda_offdiag = lambda_offdiag
+        self.diag_weight = diag_weight
+        self.eps = eps
+        self.std_eps = std_eps
+        self.gather = gather
+
+    @staticmethod
+    def standardize(z: torch.Tensor, std_eps: float) -> torch.Tensor:
+        """Per-sample standardization across features (the transpose of Barlow Twins' BN)."""
+        z = z - z.mean(dim=1, keepdim=True)
+        return z / torch.sqrt(z.pow(2).mean(dim=1, keepdim=True) + std_eps)
+
+    def dependency_matrix(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        """The N x N Gaussian mutual information matrix M (float32 or wider)."""
+        dtype = torch.promote_types(z_a.dtype, torch.float32)
+        a = self.standardize(z_a.to(dtype), self.std_eps)
+        b = self.standardize(z_b.to(dtype), self.std_eps)
+        r = a @ b.T / a.shape[1]
+        return -0.5 * torch.log1p(-r.pow(2).clamp(max=1.0 - self.eps))
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        check_embeddings(z_a, z_b)
+        if self.gather:
+            z_a, z_b = gather_with_grad(z_a), gather_with_grad(z_b)
+        m = self.dependency_matrix(z_a, z_b)
+        return -self.diag_weight * m.diagonal().mean() + self.lambda_offdiag * off_diagonal(m).mean()
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins (Zbontar et al., 2021) on the D x D feature cross-correlation matrix.
+
+    ``C = bn(z_a).T @ bn(z_b) / N`` with per-feature batch standardization;
+    ``loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2``.
+
+    Args:
+        lambd: weight of the redundancy-reduction (off-diagonal) term; 0.0051 as in the paper.
+        bn_eps: added to each feature's batch variance before the square root.
+        gather: gather embeddings from all ranks under torch.distributed (global-batch loss).
+    """
+
+    def __init__(self, lambd: float = 0.0051, bn_eps: float = 1e-5, gather: bool = True) -> None:
+        super().__init__()
+        self.lambd = lambd
+        self.bn_eps = bn_eps
+        self.gather = gather
+
+    def batch_standardize(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-feature standardization over the batch (BatchNorm1d without affine)."""
+        z = z - z.mean(dim=0, keepdim=True)
+        return z / torch.sqrt(z.pow(2).mean(dim=0, keepdim=True) + self.bn_eps)
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        check_embeddings(z_a, z_b)
+        if self.gather:
+            z_a, z_b = gather_with_grad(z_a), gather_with_grad(z_b)
+        dtype = torch.promote_types(z_a.dtype, torch.float32)
+        a = self.batch_standardize(z_a.to(dtype))
+        b = self.batch_standardize(z_b.to(dtype))
+        c = a.T @ b / a.shape[0]
+        on_diag = (c.diagonal() - 1).pow(2).sum()
+        return on_diag + self.lambd * off_diagonal(c).pow(2).sum()
+
+
+class VICRegLoss(nn.Module):
+    """VICReg (Bardes et al., 2022): invariance + variance + covariance terms.
+
+    ``loss = sim_weight * mse(z_a, z_b) + var_weight * (v(z_a) + v(z_b)) / 2
+    + cov_weight * (c(z_a) + c(z_b))`` with ``v(z) = mean_j relu(gamma - sqrt(var_j + eps))``
+    and ``c(z) = sum_{i != j} Cov(z)_ij^2 / D``.
+
+    Args:
+        sim_weight, var_weight, cov_weight: term weights (25 / 25 / 1 as in the paper).
+        gamma: target standard deviation of each feature.
+        eps: added to the variance before the square root.
+        gather: gather embeddings from all ranks under torch.distributed (global-batch loss).
+    """
+
+    def __init__(
+        self,
+        sim_weight: float = 25.0,
+        var_weight: float = 25.0,
+        cov_weight: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+        gather: bool = True,
+    ) -> None:
+        super().__init__()
+        self.sim_weight = sim_weight
+        self.var_weight = var_weight
+        self.cov_weight = cov_weight
+        self.gamma = gamma
+        self.eps = eps
+        self.gather = gather
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        check_embeddings(z_a, z_b)
+        if self.gather:
+            z_a, z_b = gather_with_grad(z_a), gather_with_grad(z_b)
+        dtype = torch.promote_types(z_a.dtype, torch.float32)
+        z_a, z_b = z_a.to(dtype), z_b.to(dtype)
+        n, d = z_a.shape
+        invariance = nn.functional.mse_loss(z_a, z_b)
+        a = z_a - z_a.mean(dim=0)
+        b = z_b - z_b.mean(dim=0)
+        std_a = torch.sqrt(a.var(dim=0) + self.eps)
+        std_b = torch.sqrt(b.var(dim=0) + self.eps)
+        variance = (torch.relu(self.gamma - std_a).mean() + torch.relu(self.gamma - std_b).mean()) / 2
+        cov_a = a.T @ a / (n - 1)
+        cov_b = b.T @ b / (n - 1)
+        covariance = off_diagonal(cov_a).pow(2).sum() / d + off_diagonal(cov_b).pow(2).sum() / d
+        return (
+            self.sim_weight * invariance
+            + self.var_weight * variance
+            + self.cov_weight * covariance
+        )
+
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "smi": SMILoss,
+    "barlow_twins": BarlowTwinsLoss,
+    "vicreg": VICRegLoss,
+}
+
+
+def build_loss(name: str, **kwargs: float | bool) -> nn.Module:
+    """Instantiate a loss by name (``smi``, ``barlow_twins``, ``vicreg``) with its keyword args."""
+    key = name.lower().replace("-", "_")
+    if key not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; choose one of {sorted(LOSSES)}.")
+    cls = LOSSES[key]
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"Bad arguments for loss {name!r}: {e}. See {cls.__name__}'s docstring.") from e
