@@ -52,7 +52,9 @@ def data_dir() -> Path:
     return Path(os.environ.get("SMI_FASHION_MNIST_DIR", DEFAULT_DIR))
 
 
-def load_arrays(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(
+    split: str = "train", root: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (N x 28 x 28 uint8) and labels (N int64) of the ``train`` or ``test`` split."""
     if split not in _FILES:
         raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}.")

@@ -244,7 +244,9 @@ def load_state_dict_strict(model: SMIModel, state_dict: dict[str, torch.Tensor])
     if missing or unexpected or wrong_shape:
 
         def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" ... (+{len(items) - 5} more)" if len(items) > 5 else "")
+            return ", ".join(items[:5]) + (
+                f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
+            )
 
         parts = []
         if missing:

@@ -99,7 +99,9 @@ class SMILoss(nn.Module):
         if self.gather:
             z_a, z_b = gather_with_grad(z_a), gather_with_grad(z_b)
         m = self.dependency_matrix(z_a, z_b)
-        return -self.diag_weight * m.diagonal().mean() + self.lambda_offdiag * off_diagonal(m).mean()
+        return (
+            -self.diag_weight * m.diagonal().mean() + self.lambda_offdiag * off_diagonal(m).mean()
+        )
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -180,14 +182,14 @@ class VICRegLoss(nn.Module):
         b = z_b - z_b.mean(dim=0)
         std_a = torch.sqrt(a.var(dim=0) + self.eps)
         std_b = torch.sqrt(b.var(dim=0) + self.eps)
-        variance = (torch.relu(self.gamma - std_a).mean() + torch.relu(self.gamma - std_b).mean()) / 2
+        variance = (
+            torch.relu(self.gamma - std_a).mean() + torch.relu(self.gamma - std_b).mean()
+        ) / 2
         cov_a = a.T @ a / (n - 1)
         cov_b = b.T @ b / (n - 1)
         covariance = off_diagonal(cov_a).pow(2).sum() / d + off_diagonal(cov_b).pow(2).sum() / d
         return (
-            self.sim_weight * invariance
-            + self.var_weight * variance
-            + self.cov_weight * covariance
+            self.sim_weight * invariance + self.var_weight * variance + self.cov_weight * covariance
         )
 
 
@@ -207,4 +209,6 @@ def build_loss(name: str, **kwargs: float | bool) -> nn.Module:
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ValueError(f"Bad arguments for loss {name!r}: {e}. See {cls.__name__}'s docstring.") from e
+        raise ValueError(
+            f"Bad arguments for loss {name!r}: {e}. See {cls.__name__}'s docstring."
+        ) from e
