@@ -11,12 +11,10 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -c constraints.txt -e .
 
 install-dev: $(BIN)/python data
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 
 # Real images for tests, the benchmark and the demo gallery (see docs/data.md).
 data:
@@ -28,6 +26,10 @@ browser:
 	  ( $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium )
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# The main job on the embedded default model: index a gallery of real images, search it.
+quickstart: install data
+	$(BIN)/smi-hub quickstart
 
 test: install-dev browser
 	$(BIN)/python -m pytest -q
