@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -55,3 +57,67 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     gradient (``training.pretrain`` does).
     """
     return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node (``LOCAL_RANK`` set by torchrun; 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment describes a multi-process launch (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup_distributed(device: str = "auto") -> torch.device:
+    """Initialize the process group when launched by ``torchrun`` and pick this rank's device.
+
+    ``device``: ``auto`` (CUDA when available, else CPU), ``cuda`` or ``cpu``. The backend is
+    NCCL on GPU and gloo on CPU; rendezvous comes from torchrun's environment
+    (``MASTER_ADDR``/``MASTER_PORT`` or ``--rdzv-endpoint``), so the same command works on one
+    node and across nodes.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device=cuda was requested but no CUDA GPU is visible; use device=cpu or auto."
+        )
+    if device.startswith("cuda"):
+        dev = torch.device("cuda", local_rank())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if launched_by_torchrun() and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return dev
+
+
+def cleanup_distributed() -> None:
+    """Destroy the process group if this process created one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Synchronize all ranks (no-op when not distributed)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over ranks in place (no-op when not distributed) and return it."""
+    if is_distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_min_flag(flag: torch.Tensor) -> torch.Tensor:
+    """True only if ``flag`` (a 0-d bool tensor) is true on every rank."""
+    if not is_distributed():
+        return flag
+    x = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x[0].bool()

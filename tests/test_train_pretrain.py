@@ -1,0 +1,291 @@
+"""End-to-end pretraining on real Fashion-MNIST images: outputs, checkpoints, resume,
+unreadable images, non-finite losses, SIGKILL recovery and a 2-process gloo run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training import pretrain
+from training.checkpoint import load_checkpoint
+from training.config import load_config
+from training.data import DataError, ImageFolderDataset, SafeTwoViewDataset, check_readable
+
+ROOT = Path(__file__).parents[1]
+CONFIG = ROOT / "training" / "configs" / "fmnist_resnet18_smi.yaml"
+
+TINY = [
+    "model.base_width=4",
+    "model.projector_dims=[32,32]",
+    "train.batch_size=32",
+    "data.num_workers=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.monitor_samples=64",
+    "train.channels_last=false",
+]
+
+
+def tiny_config(out: Path, *extra: str):
+    return load_config(
+        CONFIG, [f"output_dir={out}", "data.subset=128", "train.epochs=1", *TINY, *extra]
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tiny_pretraining_run_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=2")
+    pretrain.train(cfg)
+    assert (out / "config.yaml").is_file()
+    assert load_config(out / "config.yaml").to_dict() == cfg.to_dict()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint_00000006.pt", "checkpoint_00000008.pt", "last.pt"]
+
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert state["format"] == "smi-hub-checkpoint" and state["version"] == 1
+    assert state["step"] == 8 and state["epoch"] == 2 and state["step_in_epoch"] == 0
+    assert state["model_config"]["base_width"] == 4
+    assert not any(k.startswith("module.") for k in state["model"])
+    assert state["config"]["loss"]["name"] == "smi"
+    for key in ("optimizer", "scheduler", "scaler", "rng"):
+        assert key in state
+
+    records = read_jsonl(out / "metrics.jsonl")
+    train = [r for r in records if r["type"] == "train"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert [r["step"] for r in epochs] == [4, 8]
+    assert all(np.isfinite(r["loss"]) for r in train)
+    for key in ("images_per_s", "lr", "skipped_images"):
+        assert key in train[-1]
+    for key in (
+        "backbone_std",
+        "backbone_effective_rank",
+        "projector_alignment",
+        "backbone_uniformity",
+    ):
+        assert np.isfinite(epochs[-1][key])
+
+
+@pytest.mark.parametrize("loss", ["barlow_twins", "vicreg"])
+def test_baselines_train_with_the_same_pipeline(tmp_path, loss):
+    out = tmp_path / loss
+    last = pretrain.train(tiny_config(out, f"loss.name={loss}", "train.max_steps=2"))
+    assert np.isfinite(last["loss"])
+    assert load_checkpoint(out)["config"]["loss"]["name"] == loss
+
+
+def test_resume_in_process_matches_uninterrupted(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ("train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=10")
+    pretrain.train(tiny_config(full, *extra))
+    # a run killed after step 5: its newest checkpoint is step 3, in the middle of epoch 1
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "checkpoints" / "checkpoint_00000003.pt", part / "checkpoints")
+    assert load_checkpoint(part)["step_in_epoch"] == 3
+    pretrain.train(tiny_config(part, *extra), resume="auto")
+    a = load_checkpoint(full)
+    b = load_checkpoint(part)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+
+
+def test_existing_run_needs_resume_flag(tmp_path):
+    out = tmp_path / "run"
+    pretrain.train(tiny_config(out, "train.max_steps=1"))
+    rc = pretrain.main(["--config", str(CONFIG), f"output_dir={out}", "data.subset=128", *TINY])
+    assert rc == pretrain.EXIT_CONFIG
+
+
+def _write_fmnist_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
+        d = root / f"class_{y}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im, mode="L").save(d / f"{i:04d}.png")
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, fmnist_test, caplog):
+    images, labels = fmnist_test
+    root = tmp_path / "folder"
+    _write_fmnist_folder(root, images[:96], labels[:96])
+    (root / "class_0").mkdir(exist_ok=True)
+    good = next(root.rglob("*.png")).read_bytes()
+    (root / "class_0" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "class_0" / "garbage.jpg").write_bytes(b"not an image at all" * 10)
+    (root / "class_0" / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    cfg = load_config(
+        CONFIG,
+        [
+            f"output_dir={out}",
+            "data.source=imagefolder",
+            f"data.path={root}",
+            "train.epochs=3",
+            "data.max_bad_fraction=0.2",
+            *TINY,
+        ],
+    )
+    with caplog.at_level("WARNING", logger="training.data"):
+        pretrain.train(cfg)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "Skipping unreadable image" in warned
+    assert any(name in warned for name in ("truncated.png", "garbage.jpg", "empty.png"))
+    epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "epoch"]
+    assert len(epochs) == 3 and sum(r["skipped_images"] for r in epochs) > 0
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_mostly_unreadable_dataset_stops_with_clear_error(tmp_path, fmnist_test, capsys):
+    images, labels = fmnist_test
+    root = tmp_path / "bad"
+    _write_fmnist_folder(root, images[:4], labels[:4])
+    junk = root / f"class_{labels[0]}"
+    for i in range(60):
+        (junk / f"junk_{i}.png").write_bytes(os.urandom(64))
+    with pytest.raises(DataError, match="mostly unreadable"):
+        check_readable(ImageFolderDataset(root), max_bad_fraction=0.05)
+    ds = SafeTwoViewDataset(ImageFolderDataset(root), transform=lambda im: (im, im))
+    with pytest.raises(DataError, match="mostly unreadable"):
+        for i in range(len(ds)):
+            ds[i]
+    rc = pretrain.main(
+        [
+            "--config",
+            str(CONFIG),
+            f"output_dir={tmp_path / 'run'}",
+            "data.source=imagefolder",
+            f"data.path={root}",
+            *TINY,
+        ]
+    )
+    assert rc == pretrain.EXIT_DATA
+    assert "mostly unreadable" in capsys.readouterr().err
+
+
+def test_grayscale_and_rgba_go_through_the_same_pipeline(tmp_path, fmnist_test):
+    images, _ = fmnist_test
+    root = tmp_path / "modes" / "c"
+    root.mkdir(parents=True)
+    Image.fromarray(images[0], mode="L").save(root / "gray.png")
+    Image.fromarray(images[1], mode="L").convert("RGBA").save(root / "rgba.png")
+    Image.fromarray(images[2], mode="L").convert("P").save(root / "palette.png")
+    cfg = load_config(CONFIG, ["data.source=imagefolder", f"data.path={root.parent}"])
+    ds = pretrain.build_train_dataset(cfg)
+    for i in range(len(ds)):
+        a, b, skipped = ds[i]
+        assert a.shape == b.shape == (3, 28, 28) and skipped == 0
+        assert torch.isfinite(a).all()
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, "train.epochs=3", "checkpoint.every_steps=2", "train.max_nonfinite=3")
+    pretrain.train(cfg)  # a good run: 12 steps, last checkpoint at step 12
+    good = load_checkpoint(out)
+    real_build = pretrain.build_loss
+
+    def nan_after_resume(name, **kw):
+        loss = real_build(name, **kw)
+        return lambda a, b: loss(a, b) * float("nan")
+
+    monkeypatch.setattr(pretrain, "build_loss", nan_after_resume)
+    rc = pretrain.main(
+        [
+            "--config",
+            str(CONFIG),
+            "--resume",
+            "auto",
+            f"output_dir={out}",
+            "data.subset=128",
+            "train.epochs=4",
+            "train.max_nonfinite=3",
+            *TINY,
+        ]  # fmt: skip
+    )
+    err = capsys.readouterr().err
+    assert rc == pretrain.EXIT_DIVERGED
+    assert "3 consecutive non-finite steps" in err and "last good checkpoint" in err
+    after = load_checkpoint(out)
+    assert after["step"] == good["step"] == 12
+    for k in good["model"]:
+        assert torch.equal(good["model"][k], after["model"][k])
+    events = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("event") == "nonfinite"]
+    assert len(events) == 3
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "training.pretrain", "--config", str(CONFIG),
+        f"output_dir={out}", "data.subset=256", *TINY, *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_identical_weights(tmp_path):
+    extra = ("train.epochs=3", "checkpoint.every_steps=3", "train.batch_size=16")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli(full, *extra), check=True, cwd=ROOT, env=env, capture_output=True)
+
+    proc = subprocess.Popen(
+        _cli(killed, *extra),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    target = killed / "checkpoints" / "checkpoint_00000021.pt"  # mid-epoch 2 (16 steps/epoch)
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(killed)
+    assert killed_at["step"] < 48 and killed_at["step_in_epoch"] > 0
+
+    subprocess.run(
+        [*_cli(killed, *extra), "--resume", "auto"], check=True, cwd=ROOT, env=env,
+        capture_output=True,
+    )  # fmt: skip
+    a, b = load_checkpoint(full), load_checkpoint(killed)
+    assert a["step"] == b["step"] == 48
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    resumes = [r for r in read_jsonl(killed / "metrics.jsonl") if r.get("event") == "resume"]
+    assert len(resumes) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_process_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "training.pretrain",
+        "--config", str(CONFIG), f"output_dir={out}", "data.subset=128", "train.epochs=1",
+        "device=cpu", *TINY,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = read_jsonl(out / "metrics.jsonl")[0]
+    assert start["event"] == "start" and start["world_size"] == 2
+    state = load_checkpoint(out)
+    assert state["step"] == 4  # 128 images / global batch 32
+    assert not any(k.startswith("module.") for k in state["model"])

@@ -1,0 +1,367 @@
+"""Training configuration: typed dataclasses, YAML files and ``key=value`` overrides.
+
+A config file is a YAML mapping whose sections mirror :class:`PretrainConfig`; every key is
+checked (unknown keys and values of the wrong type raise :class:`ConfigError` naming the key
+and the fix). Overrides use dotted keys with YAML values: ``train.epochs=10``,
+``loss.name=vicreg``, ``model.projector_dims=[512,512]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smi_hub.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD
+
+LOSS_NAMES = ("smi", "barlow_twins", "vicreg")
+SOURCES = ("fashion_mnist", "imagefolder", "hf")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A training or evaluation config is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of :class:`smi_hub.SMIModel`."""
+
+    arch: str = "resnet50"
+    base_width: int = 64
+    small_stem: bool = False
+    projector_dims: list[int] = field(default_factory=lambda: [8192, 8192, 8192])
+    image_size: int = 224
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+
+@dataclass
+class LossConfig:
+    """Objective by name (``smi``, ``barlow_twins``, ``vicreg``) and its keyword arguments."""
+
+    name: str = "smi"
+    kwargs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    """Two-view augmentation (defaults: the Barlow Twins pair; index 0 = view A, 1 = view B).
+
+    Colour operations are harmless on grayscale inputs: they are converted to RGB first, where
+    saturation, hue and grayscale conversion leave a gray image gray.
+    """
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip_prob: float = 0.5
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_prob: list[float] = field(default_factory=lambda: [0.0, 0.2])
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from.
+
+    ``source``: ``fashion_mnist`` (Debian IDX files; ``path`` overrides their folder),
+    ``imagefolder`` (``path``: a folder of class subfolders, or of images), or ``hf``
+    (``path``: a ``datasets`` folder saved with ``save_to_disk``, or local data files / a
+    folder ``datasets.load_dataset`` understands; ``split``, ``image_key``).
+    """
+
+    source: str = "imagefolder"
+    path: str | None = None
+    split: str = "train"
+    image_key: str = "image"
+    label_key: str = "label"
+    subset: int | None = None
+    num_workers: int = 8
+    max_bad_fraction: float = 0.05
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Optimization. ``lr`` is the peak learning rate for ``batch_size`` (the global batch)."""
+
+    epochs: int = 100
+    batch_size: int = 2048
+    optimizer: str = "lars"
+    lr: float = 0.2
+    lr_scale_batch: bool = True
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    exclude_bias_bn: bool = True
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.001
+    precision: str = "bf16"
+    channels_last: bool = True
+    sync_bn: bool = True
+    grad_clip: float | None = None
+    max_nonfinite: int = 5
+    max_steps: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints every ``every_steps`` optimizer steps and at each epoch end."""
+
+    every_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    """Progress bar, JSONL metrics, TensorBoard and collapse monitors."""
+
+    every_steps: int = 20
+    progress: bool = True
+    tensorboard: bool = True
+    monitor_samples: int = 1024
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``python -m training.pretrain`` needs; see docs/training.md."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON/``torch.load(weights_only=True)`` safe)."""
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{key}: expected a mapping (section) but got {value!r}; write it as "
+                f"'{key}: {{...}}' in YAML or set its fields with {key}.FIELD=VALUE."
+            )
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(
+                f"{key}: expected a list of {_type_name(item_tp)} but got {value!r}; write "
+                f"e.g. {key}=[1,2,3]."
+            )
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping but got {value!r}.")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false but got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer but got {value!r}.")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads '1e-4' (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number but got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string but got {value!r}.")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" Did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown config key '{full}'.{hint} Valid keys here: {', '.join(names)}."
+            )
+        kwargs[k] = _coerce(v, hints[k], full)
+    return cls(**kwargs)
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}.")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(
+            f"{key}: must be {'non-negative' if allow_zero else 'positive'}, got {value}."
+        )
+
+
+def validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Range and choice checks that types alone cannot express."""
+    _check_choice("model.arch", cfg.model.arch, tuple(ARCHS))
+    _check_choice("loss.name", cfg.loss.name, LOSS_NAMES)
+    _check_choice("data.source", cfg.data.source, SOURCES)
+    _check_choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
+    _check_choice("train.precision", cfg.train.precision, PRECISIONS)
+    if len(cfg.model.mean) != 3 or len(cfg.model.std) != 3:
+        raise ConfigError("model.mean and model.std need 3 values (RGB).")
+    if not cfg.model.projector_dims:
+        raise ConfigError("model.projector_dims must list at least one width for pretraining.")
+    for key in ("model.base_width", "model.image_size", "train.epochs", "train.batch_size"):
+        section, name = key.split(".")
+        _check_positive(key, getattr(getattr(cfg, section), name))
+    _check_positive("train.lr", cfg.train.lr)
+    _check_positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+    _check_positive("train.warmup_epochs", cfg.train.warmup_epochs, allow_zero=True)
+    _check_positive("train.max_nonfinite", cfg.train.max_nonfinite)
+    _check_positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
+    _check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _check_positive("log.every_steps", cfg.log.every_steps)
+    _check_positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    if not 0.0 <= cfg.data.max_bad_fraction < 1.0:
+        raise ConfigError(
+            f"data.max_bad_fraction must be in [0, 1), got {cfg.data.max_bad_fraction}."
+        )
+    a = cfg.data.augment
+    if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
+        raise ConfigError(
+            f"data.augment.crop_scale must be [min, max] in (0, 1], got {a.crop_scale}."
+        )
+    if len(a.color_jitter) != 4:
+        raise ConfigError(
+            "data.augment.color_jitter needs 4 values: brightness, contrast, saturation, hue."
+        )
+    for key in ("blur_prob", "solarize_prob", "blur_sigma"):
+        if len(getattr(a, key)) != 2:
+            raise ConfigError(f"data.augment.{key} needs 2 values (view A, view B).")
+    if cfg.data.source in ("imagefolder", "hf") and not cfg.data.path:
+        raise ConfigError(
+            f"data.path is required for data.source={cfg.data.source}; pass data.path=/path/to/data."
+        )
+    if cfg.data.subset is not None:
+        _check_positive("data.subset", cfg.data.subset)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.1", "loss.name=vicreg"]`` -> nested dict with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"Override {item!r} is not KEY=VALUE; write e.g. train.epochs=10 (no spaces "
+                "around '=')."
+            )
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"Override {item!r} has an empty key.")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Override {item!r}: value is not valid YAML ({e}).") from e
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r} conflicts with another override of {part}.")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = _merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> PretrainConfig:
+    """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {p} not found; see training/configs/ for examples.")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a YAML mapping of config sections.")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides or []))
+    return validate(_build(PretrainConfig, data))
+
+
+def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
+    """Rebuild a config saved in a checkpoint or ``config.yaml``."""
+    return validate(_build(PretrainConfig, data))
+
+
+def save_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, p)

@@ -1,0 +1,512 @@
+"""SMI (or Barlow Twins / VICReg) pretraining, from one CPU to many GPU nodes.
+
+    python -m training.pretrain --config training/configs/fmnist_resnet18_smi.yaml [key=value ...]
+    torchrun --nproc-per-node 8 -m training.pretrain --config ... [--resume auto]
+
+Writes ``<output_dir>/config.yaml``, ``metrics.jsonl``, ``tb/`` and ``checkpoints/`` (see
+docs/training.md). ``--resume auto`` continues from the newest checkpoint exactly: same data
+order and augmentations, optimizer, schedule, scaler and RNG states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from smi_hub.models import SMIModel
+from training import distributed as D
+from training.checkpoint import (
+    CheckpointError,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.config import ConfigError, PretrainConfig, load_config, save_config
+from training.data import (
+    DataError,
+    IndexedSubset,
+    ResumableSampler,
+    SafeTwoViewDataset,
+    build_source,
+    check_readable,
+    subset_indices,
+    two_view_transform,
+)
+from training.losses import build_loss
+from training.monitors import collapse_metrics
+from training.optim import WarmupCosine, build_optimizer
+
+log = logging.getLogger("training.pretrain")
+EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED = 2, 3, 4
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+class MetricsLogger:
+    """Rank-0 JSONL + TensorBoard writer (no-op on other ranks)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None):
+        self.enabled = enabled
+        self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge_step)
+            except ImportError:
+                log.warning("tensorboard is not installed; writing metrics.jsonl only.")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None and "step" in record:
+            kind = record.get("type", "train")
+            for k, v in record.items():
+                numeric = isinstance(v, int | float) and not isinstance(v, bool)
+                if numeric and k not in ("step", "time", "epoch"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _unwrap(model: nn.Module) -> SMIModel:
+    return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def monitor_embeddings(
+    model: SMIModel,
+    dataset: torch.utils.data.Dataset,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+) -> dict[str, float]:
+    """Collapse monitors of backbone and projector embeddings of a fixed set of image pairs."""
+    was_training = model.training
+    model.eval()
+    feats: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "pa": [], "pb": []}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    for a, b, _ in loader:
+        for key, x in (("a", a), ("b", b)):
+            x = x.to(device, memory_format=torch.channels_last)
+            with _autocast(device, precision):
+                h = model.embed(x)
+                z = model.projector(h)
+            feats[key].append(h.float().cpu())
+            feats["p" + key].append(z.float().cpu())
+    model.train(was_training)
+    cat = {k: torch.cat(v) for k, v in feats.items()}
+    out = {f"backbone_{k}": v for k, v in collapse_metrics(cat["a"], cat["b"]).items()}
+    out.update({f"projector_{k}": v for k, v in collapse_metrics(cat["pa"], cat["pb"]).items()})
+    return out
+
+
+def build_train_dataset(cfg: PretrainConfig) -> SafeTwoViewDataset:
+    """The two-view training dataset the config describes (probed for readability)."""
+    d = cfg.data
+    base = build_source(d.source, d.path, d.split, d.image_key, d.label_key)
+    idx = subset_indices(len(base), d.subset, cfg.seed)
+    if idx is not None:
+        base = IndexedSubset(base, idx)
+    check_readable(base, d.max_bad_fraction, seed=cfg.seed)
+    m = cfg.model
+    transform = two_view_transform(m.image_size, m.mean, m.std, d.augment)
+    return SafeTwoViewDataset(base, transform, seed=cfg.seed)
+
+
+def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    if resume == "none":
+        if list_checkpoints(ckpt_dir) or (ckpt_dir / "last.pt").exists():
+            raise ConfigError(
+                f"{ckpt_dir} already holds checkpoints; pass --resume auto to continue that run "
+                "or choose another output_dir=..."
+            )
+        return None
+    if resume == "auto":
+        return find_latest(ckpt_dir)
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"--resume {resume}: no such checkpoint.")
+    return path
+
+
+def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
+    """Run pretraining described by ``cfg``; returns the final metrics. Call
+    :func:`training.distributed.setup_distributed` first under torchrun (``main`` does)."""
+    device = D.setup_distributed(cfg.device)
+    ws, rk = D.world_size(), D.rank()
+    is_main = rk == 0
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if cfg.train.batch_size % ws:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the "
+            f"{ws} processes; pick a multiple of {ws}."
+        )
+    local_bs = cfg.train.batch_size // ws
+    resume_path = _resolve_resume(resume, ckpt_dir)
+    if is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    D.barrier()
+
+    torch.manual_seed(cfg.seed)
+    dataset = build_train_dataset(cfg)
+    sampler = ResumableSampler(len(dataset), local_bs, ws, rk, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.data.num_workers > 0 else None,
+    )
+    steps_per_epoch = sampler.batches_per_epoch()
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    model: nn.Module = SMIModel(**dataclass_dict(cfg.model)).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if ws > 1 and cfg.train.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif ws > 1 and cfg.train.sync_bn and is_main:
+        log.info("SyncBatchNorm needs GPUs; on CPU each process normalizes its own batch.")
+    loss_fn = build_loss(cfg.loss.name, **cfg.loss.kwargs)
+    peak_lr = cfg.train.lr * (cfg.train.batch_size / 256 if cfg.train.lr_scale_batch else 1.0)
+    optimizer = build_optimizer(
+        model,
+        cfg.train.optimizer,
+        lr=peak_lr,
+        weight_decay=cfg.train.weight_decay,
+        momentum=cfg.train.momentum,
+        lars_eta=cfg.train.lars_eta,
+        exclude_bias_bn=cfg.train.exclude_bias_bn,
+    )
+    scheduler = WarmupCosine(
+        optimizer,
+        total_steps,
+        int(round(cfg.train.warmup_epochs * steps_per_epoch)),
+        cfg.train.min_lr_ratio,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+
+    start_epoch, step, start_batch = 0, 0, 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, map_location=device)
+        base_model = _unwrap(model)
+        if state["model_config"] != base_model.config:
+            raise CheckpointError(
+                f"{resume_path} was trained with model {state['model_config']}, the config asks "
+                f"for {base_model.config}; resume with the run's own config.yaml."
+            )
+        base_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        start_batch = int(state.get("step_in_epoch", 0))
+        if is_main:
+            log.info("Resumed from %s: epoch %d, step %d.", resume_path, start_epoch, step)
+    if ws > 1:
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    metrics = MetricsLogger(out, is_main, cfg.log.tensorboard, purge_step=step or None)
+    if resume_path is not None:
+        metrics.write({"type": "event", "event": "resume", "step": step, "epoch": start_epoch})
+    else:
+        metrics.write(
+            {
+                "type": "event",
+                "event": "start",
+                "step": 0,
+                "world_size": ws,
+                "device": str(device),
+                "dataset_size": len(dataset),
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+                "peak_lr": peak_lr,
+                "num_params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    monitor_ds = None
+    if cfg.log.monitor_samples > 0:
+        n_mon = min(cfg.log.monitor_samples, len(dataset))
+        mon_idx = subset_indices(len(dataset.base), n_mon, seed=cfg.seed + 1) or range(n_mon)
+        monitor_ds = SafeTwoViewDataset(
+            IndexedSubset(dataset.base, mon_idx), dataset.transform, seed=cfg.seed + 1
+        )
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        if is_main:
+            base_model = _unwrap(model)
+            path = save_checkpoint(
+                {
+                    "model": base_model.state_dict(),
+                    "model_config": base_model.config,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "step_in_epoch": step_in_epoch,
+                    "rng": rng_state(),
+                    "config": cfg.to_dict(),
+                },
+                ckpt_dir,
+                keep_last=cfg.checkpoint.keep_last,
+            )
+            log.debug("Saved %s", path)
+        D.barrier()
+
+    nonfinite = 0
+    skipped_total = 0
+    last: dict[str, Any] = {}
+    run_start = time.time()
+    steps_at_start = step
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            if step >= total_steps:
+                break
+            sampler.set_epoch(epoch, start_batch if epoch == start_epoch else 0)
+            dataset.set_epoch(epoch)
+            step_in_epoch = start_batch if epoch == start_epoch else 0
+            model.train()
+            bar = None
+            if is_main and cfg.log.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(
+                    total=steps_per_epoch,
+                    initial=step_in_epoch,
+                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+            window_t, window_n = time.time(), 0
+            epoch_loss, epoch_n, epoch_skipped = 0.0, 0, 0
+            for a, b, skipped in loader:
+                a = a.to(device, non_blocking=True)
+                b = b.to(device, non_blocking=True)
+                if cfg.train.channels_last:
+                    a = a.contiguous(memory_format=torch.channels_last)
+                    b = b.contiguous(memory_format=torch.channels_last)
+                n_skipped = int(skipped.sum())
+                epoch_skipped += n_skipped
+                with _autocast(device, cfg.train.precision):
+                    z_a, z_b = model(a), model(b)
+                finite = torch.isfinite(z_a).all() & torch.isfinite(z_b).all()
+                loss = loss_fn(z_a, z_b) if bool(D.all_reduce_min_flag(finite)) else None
+                ok = loss is not None and bool(D.all_reduce_min_flag(torch.isfinite(loss)))
+                if ok:
+                    scaler.scale(loss * ws).backward()
+                    scaler.unscale_(optimizer)
+                    params = [p for p in model.parameters() if p.grad is not None]
+                    max_norm = cfg.train.grad_clip if cfg.train.grad_clip else math.inf
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    if scaler.is_enabled():
+                        scaler.step(optimizer)  # skips by itself on inf gradients
+                        scaler.update()
+                    elif bool(D.all_reduce_min_flag(torch.isfinite(gnorm))):
+                        optimizer.step()
+                    else:
+                        ok = False
+                optimizer.zero_grad(set_to_none=True)
+                if not ok:
+                    nonfinite += 1
+                    msg = (
+                        f"Non-finite loss or gradient at step {step} (epoch {epoch}); step "
+                        f"skipped ({nonfinite} in a row, limit {cfg.train.max_nonfinite})."
+                    )
+                    log.warning(msg)
+                    metrics.write({"type": "event", "event": "nonfinite", "step": step})
+                    if nonfinite >= cfg.train.max_nonfinite:
+                        raise TrainingDiverged(
+                            f"{nonfinite} consecutive non-finite steps at step {step}: training "
+                            "diverged. The last good checkpoint in "
+                            f"{ckpt_dir} is intact; lower train.lr, use precision=fp32 or "
+                            "set train.grad_clip, then --resume auto."
+                        )
+                    continue
+                nonfinite = 0
+                scheduler.step()
+                step += 1
+                step_in_epoch += 1
+                window_n += 1
+                loss_value = float(loss.detach())
+                epoch_loss += loss_value
+                epoch_n += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log.every_steps == 0 or step_in_epoch == steps_per_epoch:
+                    elapsed = time.time() - window_t
+                    ips = window_n * cfg.train.batch_size / max(elapsed, 1e-9)
+                    lr = optimizer.param_groups[0]["lr"]
+                    rate = (step - steps_at_start) / max(time.time() - run_start, 1e-9)
+                    eta = (total_steps - step) / max(rate, 1e-9)
+                    last = {
+                        "type": "train",
+                        "step": step,
+                        "epoch": epoch + step_in_epoch / steps_per_epoch,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "images_per_s": ips,
+                        "grad_norm": float(gnorm),
+                        "skipped_images": epoch_skipped,
+                    }
+                    metrics.write(last)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{loss_value:.4g}",
+                            lr=f"{lr:.3g}",
+                            img_s=f"{ips:.0f}",
+                            eta=_fmt_time(eta),
+                        )
+                    window_t, window_n = time.time(), 0
+                if step % cfg.checkpoint.every_steps == 0 and step_in_epoch < steps_per_epoch:
+                    checkpoint(epoch, step_in_epoch)
+                if step >= total_steps:
+                    break
+            if bar is not None:
+                bar.close()
+            seen = max(1, step_in_epoch - (start_batch if epoch == start_epoch else 0))
+            skipped_all = int(D.all_reduce_sum(torch.tensor([epoch_skipped])).item())
+            skipped_total += skipped_all
+            frac = skipped_all / (seen * cfg.train.batch_size)
+            if frac > cfg.data.max_bad_fraction:
+                raise DataError(
+                    f"{skipped_all} unreadable images were skipped in epoch {epoch} "
+                    f"({frac:.1%} of those drawn, limit data.max_bad_fraction="
+                    f"{cfg.data.max_bad_fraction}); the dataset is mostly unreadable. Fix or "
+                    "remove the files named in the warnings above."
+                )
+            epoch_done = step_in_epoch >= steps_per_epoch
+            record: dict[str, Any] = {
+                "type": "epoch",
+                "step": step,
+                "epoch": epoch + 1 if epoch_done else epoch + step_in_epoch / steps_per_epoch,
+                "loss": epoch_loss / max(1, epoch_n),
+                "skipped_images": skipped_all,
+                "elapsed_s": time.time() - run_start,
+            }
+            if monitor_ds is not None and is_main:
+                record.update(
+                    monitor_embeddings(
+                        _unwrap(model), monitor_ds, device, cfg.train.precision, local_bs
+                    )
+                )
+            metrics.write(record)
+            if is_main:
+                log.info(
+                    "epoch %s: %s",
+                    epoch + 1,
+                    ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
+                )
+            last = record
+            if epoch_done:
+                checkpoint(epoch + 1, 0)
+            else:
+                checkpoint(epoch, step_in_epoch)
+    finally:
+        metrics.close()
+    return last
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.pretrain",
+        description="Self-supervised pretraining (SMI, Barlow Twins or VICReg) of an SMIModel.",
+    )
+    p.add_argument("--config", help="YAML config (see training/configs/).")
+    p.add_argument(
+        "--resume",
+        default="none",
+        help="'auto': continue from the newest checkpoint in output_dir (start fresh if none); "
+        "a checkpoint path; 'none' (default): refuse to overwrite an existing run.",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE, e.g. train.epochs=5")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        train(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"Config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DataError, CheckpointError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return EXIT_DATA
+    except TrainingDiverged as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        D.cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
