@@ -1,26 +1,52 @@
-"""smi-hub: SMI self-supervised models, their weights, features, retrieval and localization."""
+"""smi-hub: SMI self-supervised models, their weights, features, retrieval and localization.
+
+Importing is cheap and offline: no network access, and faiss, gradio and datasets are only
+imported when a function needs them.
+"""
 
 from smi_hub.errors import (
+    CheckpointError,
     ChecksumError,
+    DownloadError,
     ImageLoadError,
     SMIHubError,
     UnsupportedFormatError,
     WeightsError,
     WeightsNotPublishedError,
 )
+from smi_hub.features import FeatureResult, extract_features
+from smi_hub.gallery import default_gallery
+from smi_hub.hub import load
+from smi_hub.index import EmbeddingIndex, SearchResult
+from smi_hub.localization import localization_map, overlay
 from smi_hub.models import SMIModel
+from smi_hub.registry import DEFAULT_MODEL, list_models
+from smi_hub.transforms import get_transforms
 from smi_hub.weights import load_weights_folder, save_weights_folder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "CheckpointError",
     "ChecksumError",
+    "DownloadError",
+    "EmbeddingIndex",
+    "FeatureResult",
     "ImageLoadError",
     "SMIHubError",
     "SMIModel",
+    "SearchResult",
     "UnsupportedFormatError",
     "WeightsError",
     "WeightsNotPublishedError",
+    "default_gallery",
+    "extract_features",
+    "get_transforms",
+    "list_models",
+    "load",
     "load_weights_folder",
+    "localization_map",
+    "overlay",
     "save_weights_folder",
 ]

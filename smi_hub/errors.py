@@ -23,3 +23,11 @@ class WeightsNotPublishedError(SMIHubError):
 
 class ImageLoadError(SMIHubError, ValueError):
     """An image file could not be read or is unusable (corrupt, truncated, too large)."""
+
+
+class DownloadError(SMIHubError, OSError):
+    """A download failed: bad URL, HTTP error, network unreachable, or offline mode."""
+
+
+class CheckpointError(SMIHubError, ValueError):
+    """A file is not a usable smi-hub training checkpoint (wrong format, pickled objects, keys)."""
