@@ -168,3 +168,14 @@ def test_fashion_mnist_subset_features(fmnist_test):
     x, y = evaluate.cached_features(model, "fashion_mnist", None, "test", subset=64)
     assert x.shape == (64, 32) and y.shape == (64,)
     assert np.isin(y.numpy(), np.arange(10)).all()
+
+
+def test_cli_hf_local_image_files(tmp_path, image_folder):
+    """``--dataset hf`` on local image files: datasets' imagefolder builder, offline."""
+    out = tmp_path / "knn.json"
+    argv = ["knn", "--random-init", "--config", str(CONFIG), "--dataset", "hf",
+            "--data-path", str(image_folder), "--out", str(out), "--k", "5"]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["train_images"] == 60 and result["settings"]["test_images"] == 60
+    assert result["metrics"]["top1"] > 33.0

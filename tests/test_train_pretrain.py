@@ -289,3 +289,33 @@ def test_torchrun_two_process_gloo(tmp_path):
     state = load_checkpoint(out)
     assert state["step"] == 4  # 128 images / global batch 32
     assert not any(k.startswith("module.") for k in state["model"])
+
+
+def test_hf_datasets_source_saved_to_disk(tmp_path, fmnist_test):
+    import io
+
+    import datasets
+
+    images, labels = fmnist_test
+    encoded = []
+    for im in images[:40]:
+        buf = io.BytesIO()
+        Image.fromarray(im, mode="L").save(buf, format="PNG")
+        encoded.append({"bytes": buf.getvalue(), "path": None})
+    encoded[5] = {"bytes": b"corrupt bytes", "path": None}
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}
+    )
+    ds = datasets.Dataset.from_dict(
+        {"image": encoded, "label": labels[:40].tolist()}, features=features
+    )
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "hf"))
+    cfg = load_config(CONFIG, ["data.source=hf", f"data.path={tmp_path / 'hf'}"])
+    train_ds = pretrain.build_train_dataset(cfg)
+    assert len(train_ds) == 40 and train_ds.base.targets[:3] == labels[:3].tolist()
+    a, b, skipped = train_ds[5]  # the corrupt row is replaced by the next one and counted
+    assert skipped == 1 and a.shape == (3, 28, 28)
+    assert train_ds[0][2] == 0
+    val = load_config(CONFIG, ["data.source=hf", f"data.path={tmp_path / 'hf'}", "data.split=val"])
+    with pytest.raises(DataError, match="has splits"):
+        pretrain.build_train_dataset(val)

@@ -290,7 +290,23 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         )
     if cfg.data.subset is not None:
         _check_positive("data.subset", cfg.data.subset)
+    _check_loss(cfg.loss)
     return cfg
+
+
+def _check_loss(loss: LossConfig) -> None:
+    from training.losses import build_loss
+
+    for k, v in loss.kwargs.items():
+        if not isinstance(v, int | float | bool):
+            raise ConfigError(
+                f"loss.kwargs.{k}: expected a number or true/false, got {v!r} (in YAML flow "
+                "style write {key: value} with a space after the colon)."
+            )
+    try:
+        build_loss(loss.name, **loss.kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"loss.kwargs: {e}") from e
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
