@@ -116,10 +116,8 @@ def load(
             )
         model = _from_folder(path, pretrained, expected_sha256=sha256)
     elif "/" in text:
-        if pretrained:
-            model = SMIModel.from_pretrained(text)
-        else:
-            model = _from_folder(resolve_hf_folder(text), False)
+        # the same as SMIModel.from_pretrained(text), with smi-hub's errors for a missing repo
+        model = _from_folder(resolve_hf_folder(text), pretrained, expected_sha256=sha256)
     else:
         raise WeightsError(
             f"Unknown model {text!r}: not a registered name ({', '.join(list_models())}), an "

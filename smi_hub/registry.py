@@ -12,7 +12,7 @@ Statuses:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class ModelEntry:
         resize_ratio: evaluation resize (short side = image_size * ratio) before the center crop.
         sha256: sha256 of ``model.safetensors`` the entry is published with.
         url: download URL (``published`` entries only).
+        eval_args: extra ``training.evaluate`` arguments of the recipe's k-NN evaluation.
     """
 
     name: str
@@ -53,7 +54,7 @@ class ModelEntry:
     resize_ratio: float = 1.0
     sha256: str | None = None
     url: str | None = None
-    aliases: tuple[str, ...] = field(default=())
+    eval_args: str = ""
 
     @property
     def weights_folder(self) -> Path | None:
@@ -82,7 +83,7 @@ class ModelEntry:
         )
         return (
             f"python -m training.pretrain --config {self.recipe}\n"
-            f"python -m training.evaluate knn --run-dir {run_dir}\n"
+            f"python -m training.evaluate knn --run-dir {run_dir}{self.eval_args}\n"
             f"smi-hub export {run_dir}/checkpoints/last.pt {out} --name {self.name}"
         )
 
@@ -186,6 +187,10 @@ REGISTRY: dict[str, ModelEntry] = {
                 recipe=f"training/configs/imagenet_resnet50_{loss}.yaml",
                 epochs=300,
                 resize_ratio=256 / 224,
+                eval_args=(
+                    " --dataset imagefolder --data-path /datasets/imagenet --test-split val"
+                    " --resize-ratio 1.142857"
+                ),
             )
             for loss, label in (
                 ("smi", "SMI"),

@@ -1,0 +1,320 @@
+"""``smi-hub`` command line: list, info, extract, index, search, export, demo, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from smi_hub.errors import SMIHubError
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="registry name, weights folder, Hugging Face repo id or URL "
+        "(default: the embedded smi_resnet18_fmnist)",
+    )
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``smi-hub``."""
+    parser = argparse.ArgumentParser(
+        prog="smi-hub", description="SMI self-supervised models: weights, features, retrieval."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="registered models and their status")
+
+    p = sub.add_parser("info", help="metadata of a registered model")
+    p.add_argument("name")
+
+    p = sub.add_parser("extract", help="features of a folder of images -> safetensors + json")
+    p.add_argument("input", help="folder of images or one image")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    _model_arg(p)
+    p.add_argument(
+        "--layer",
+        default="pooled",
+        choices=["pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector"],
+    )
+    _run_args(p)
+    p.add_argument("--npy", action="store_true", help="also write features.npy")
+
+    p = sub.add_parser("index", help="build a nearest-neighbour index of a folder of images")
+    p.add_argument("folder")
+    p.add_argument("-o", "--out", required=True, help="index folder")
+    _model_arg(p)
+    _run_args(p)
+
+    p = sub.add_parser("search", help="nearest neighbours of an image in an index")
+    p.add_argument("index_dir")
+    p.add_argument("query", nargs="+", help="query image(s)")
+    p.add_argument("-k", type=int, default=5)
+    _model_arg(p)
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("export", help="training checkpoint -> weights folder")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--with-projector", action="store_true", help="keep projector.* tensors")
+    p.add_argument("--name", help="model name for the model card (default: folder name)")
+    p.add_argument("--results", nargs="+", default=[], help="extra evaluation result JSONs")
+
+    p = sub.add_parser("demo", help="start the Gradio demo (needs a source checkout)")
+    _model_arg(p)
+    p.add_argument("--gallery", default=None, help="folder of images (default: Fashion-MNIST)")
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=None)
+
+    p = sub.add_parser(
+        "quickstart", help="index the default gallery, search held-out images, report k-NN"
+    )
+    _model_arg(p)
+    p.add_argument("--per-class", type=int, default=30, help="gallery images per class")
+    p.add_argument("--queries", type=int, default=3, help="queries to print")
+    p.add_argument("--eval", type=int, default=500, help="held-out images for k-NN accuracy")
+    p.add_argument("-k", type=int, default=5)
+    return parser
+
+
+def _amp(args: argparse.Namespace) -> Any:
+    import torch
+
+    return torch.bfloat16 if getattr(args, "bf16", False) else None
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from smi_hub.registry import REGISTRY, list_models
+
+    rows = [("name", "status", "dataset", "arch", "weights")]
+    for name in list_models():
+        e = REGISTRY[name]
+        avail = "available" if e.available else "missing" if e.status == "embedded" else "-"
+        rows.append((name, e.status, e.dataset, e.model_config["arch"], avail))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from smi_hub.registry import get_entry
+
+    print(json.dumps(get_entry(args.name).info(), indent=2))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from smi_hub.features import extract_features
+    from smi_hub.hub import load
+
+    model = load(args.model, device=args.device)
+    result = extract_features(
+        model,
+        args.input,
+        layer=args.layer,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        channels_last=args.channels_last,
+        amp_dtype=_amp(args),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"features": result.features.contiguous()}, str(out / "features.safetensors"))
+    meta = {
+        "model": args.model or "smi_resnet18_fmnist",
+        "layer": args.layer,
+        "shape": list(result.features.shape),
+        "paths": [str(p) for p in result.paths],
+        "failed": [{"path": p, "reason": r} for p, r in result.failed],
+    }
+    (out / "paths.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if args.npy:
+        import numpy as np
+
+        np.save(out / "features.npy", result.features.numpy())
+    print(
+        f"{len(result)} feature rows {tuple(result.features.shape)} -> {out}"
+        + (f"; {len(result.failed)} unreadable file(s) skipped" if result.failed else "")
+    )
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from smi_hub.features import extract_features
+    from smi_hub.hub import load
+    from smi_hub.index import EmbeddingIndex
+
+    model = load(args.model, device=args.device)
+    result = extract_features(
+        model,
+        args.folder,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=args.device,
+        channels_last=args.channels_last,
+        amp_dtype=_amp(args),
+    )
+    index = EmbeddingIndex(metadata={"model": args.model, "layer": "pooled"})
+    index.add(result.features, labels=[str(p) for p in result.paths])
+    index.save(args.out)
+    skipped = f"; {len(result.failed)} unreadable file(s) skipped" if result.failed else ""
+    print(f"Indexed {len(index)} images ({index.dim}-d) -> {args.out}{skipped}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from smi_hub.features import extract_features
+    from smi_hub.hub import load
+    from smi_hub.index import EmbeddingIndex
+
+    index = EmbeddingIndex.load(args.index_dir)
+    model = load(args.model or index.metadata.get("model"), device=args.device)
+    result = extract_features(model, list(args.query), progress=False)
+    for path, reason in result.failed:
+        print(f"{path}: skipped ({reason})", file=sys.stderr)
+    if len(result) == 0:
+        return 1
+    found = index.search(result.features, k=args.k)
+    for q, scores, labels in zip(result.paths, found.scores, found.labels, strict=True):
+        print(f"query: {q}")
+        for rank, (s, label) in enumerate(zip(scores.tolist(), labels, strict=True), 1):
+            print(f"  {rank:2d}. {s:.4f}  {label}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from smi_hub.export import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        with_projector=args.with_projector,
+        name=args.name,
+        results_files=args.results,
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"Exported {args.checkpoint} -> {out}")
+    print(f"  sha256 {cfg['weights_sha256']}  params {cfg['num_params']:,}")
+    print(f"  results {cfg['results'] or '(none found)'}")
+    return 0
+
+
+def demo_app_path() -> Path:
+    """``demo/app.py`` of the source checkout this package was imported from."""
+    import smi_hub
+
+    return Path(smi_hub.__file__).resolve().parents[1] / "demo" / "app.py"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    path = demo_app_path()
+    if not path.is_file():
+        raise SMIHubError(
+            f"The demo needs a source checkout: {path} does not exist. Clone the smi-hub "
+            "repository, `pip install -e '.[demo]'` in it, and run `smi-hub demo` there."
+        )
+    spec = importlib.util.spec_from_file_location("smi_hub_demo_app", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv: list[str] = []
+    for flag in ("model", "gallery", "port", "host"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    return int(module.main(argv) or 0)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    import torch
+
+    from smi_hub import fashion_mnist
+    from smi_hub.features import extract_features
+    from smi_hub.gallery import default_gallery, gallery_indices, label_of
+    from smi_hub.hub import load
+    from smi_hub.index import EmbeddingIndex
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = load(args.model)
+    gallery = default_gallery(per_class=args.per_class)
+    print(f"Gallery: {gallery} (Fashion-MNIST test split, {args.per_class} images per class)")
+    result = extract_features(model, gallery, progress=False)
+    index = EmbeddingIndex().add(result.features, labels=[label_of(p) for p in result.paths])
+    print(f"Indexed {len(index)} images with {args.model or 'smi_resnet18_fmnist'}.")
+
+    # Held-out queries: test images of each class not in the gallery.
+    images, labels = fashion_mnist.load_arrays("test")
+    per_class_eval = max(1, -(-args.eval // len(fashion_mnist.CLASSES)))
+    held_out = gallery_indices(labels, per_class_eval, offset=args.per_class)[: args.eval]
+    from PIL import Image
+
+    pils = [Image.fromarray(images[i], mode="L") for i in held_out]
+    q = extract_features(model, pils, progress=False)
+    found = index.search(q.features, k=args.k)
+    truth = [fashion_mnist.CLASSES[int(labels[i])] for i in held_out]
+    step = max(1, len(held_out) // max(1, args.queries))
+    for n, j in enumerate(range(0, len(held_out), step)):
+        if n >= args.queries:
+            break
+        print(f"\nquery: test image {held_out[j]} ({truth[j]})")
+        for rank, (s, lab) in enumerate(
+            zip(found.scores[j].tolist(), found.labels[j], strict=True)
+        ):
+            mark = "ok" if lab == truth[j] else "  "
+            print(f"  {rank + 1}. {s:.3f}  {lab:<12} {mark}")
+    votes = [Counter(row).most_common(1)[0][0] for row in found.labels]
+    acc = 100.0 * sum(v == t for v, t in zip(votes, truth, strict=True)) / len(truth)
+    top1 = 100.0 * sum(r[0] == t for r, t in zip(found.labels, truth, strict=True)) / len(truth)
+    print(
+        f"\n{args.k}-NN majority-vote accuracy on {len(truth)} held-out Fashion-MNIST test "
+        f"images: {acc:.1f}% (nearest neighbour: {top1:.1f}%; chance 10%). "
+        f"[{time.perf_counter() - t0:.1f} s]"
+    )
+    return 0
+
+
+COMMANDS = {
+    "list": cmd_list,
+    "info": cmd_info,
+    "extract": cmd_extract,
+    "index": cmd_index,
+    "search": cmd_search,
+    "export": cmd_export,
+    "demo": cmd_demo,
+    "quickstart": cmd_quickstart,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``smi-hub``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (SMIHubError, KeyError, FileNotFoundError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"smi-hub {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
