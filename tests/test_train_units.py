@@ -1,0 +1,162 @@
+"""Units of the training pipeline: checkpoints, optimizer/schedule, monitors, sampler, data."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import (
+    CheckpointError,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.data import ResumableSampler, SafeTwoViewDataset, two_view_transform
+from training.monitors import alignment, collapse_metrics, effective_rank, embedding_std, uniformity
+from training.optim import LARS, WarmupCosine, build_optimizer, param_groups
+
+
+def test_checkpoints_are_atomic_kept_and_safe(tmp_path):
+    for step in (10, 20, 30, 40):
+        save_checkpoint({"step": step, "model": {"w": torch.full((2,), float(step))}}, tmp_path, 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint_00000030.pt",
+        "checkpoint_00000040.pt",
+    ]
+    assert not list(tmp_path.glob(".*tmp"))
+    assert find_latest(tmp_path).name == "last.pt"
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["format"] == "smi-hub-checkpoint" and state["step"] == 40
+    assert load_checkpoint(tmp_path)["model"]["w"].tolist() == [40.0, 40.0]
+
+
+def test_load_checkpoint_rejects_foreign_and_unsafe_files(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="not an smi-hub training checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+    torch.save({"format": "smi-hub-checkpoint", "obj": random.Random(0)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "plain.pt").read_bytes()[:50])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    save_checkpoint({"step": 1, "rng": rng_state()}, tmp_path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_checkpoint(tmp_path)["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0])
+    assert np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_param_groups_exclude_bias_and_norm():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    decay, no_decay = param_groups(model, 1e-4, exclude_bias_bn=True)
+    assert [p.ndim for p in decay["params"]] == [2]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+    assert not no_decay["lars"]
+    assert len(param_groups(model, 1e-4, exclude_bias_bn=False)) == 1
+
+
+def test_lars_trust_ratio_scales_the_update():
+    p = torch.nn.Parameter(torch.full((4,), 2.0))  # ||p|| = 4
+    p.grad = torch.full((4,), 100.0)  # ||g|| = 200
+    opt = LARS([{"params": [p], "lars": True}], lr=1.0, momentum=0.0, eta=0.5)
+    opt.step()
+    # update = lr * eta * ||p|| / ||g|| * g = 0.5 * 4 / 200 * 100 = 1
+    assert torch.allclose(p.detach(), torch.full((4,), 1.0))
+    for name in ("sgd", "adamw"):
+        assert build_optimizer(torch.nn.Linear(2, 2), name, 0.1, 0.0) is not None
+
+
+def test_warmup_cosine_schedule_and_state():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = WarmupCosine(opt, total_steps=100, warmup_steps=10, min_lr_ratio=0.01)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(99):
+        s.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.01, abs=1e-3) and all(
+        a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)
+    )
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    s2 = WarmupCosine(opt2, 100, 10, 0.01)
+    s2.load_state_dict(s.state_dict())
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_collapse_monitors_on_known_cases():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(512, 64, generator=g)
+    collapsed = torch.ones(512, 64) + 1e-9 * torch.randn(512, 64, generator=g)
+    assert embedding_std(spread) == pytest.approx(1.0, abs=0.05)
+    assert embedding_std(collapsed) < 1e-3
+    assert effective_rank(spread) > 50
+    line = torch.randn(512, 1, generator=g) * torch.randn(1, 64, generator=g)
+    assert effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    assert alignment(spread, spread) == 0.0
+    assert alignment(spread, -spread) == pytest.approx(4.0)
+    assert uniformity(spread) < uniformity(spread[:, :2]) < 0
+    assert set(collapse_metrics(spread, spread)) == {
+        "std",
+        "effective_rank",
+        "alignment",
+        "uniformity",
+    }
+
+
+def test_resumable_sampler_partitions_and_resumes():
+    world = [ResumableSampler(100, 8, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    for s in world:
+        s.set_epoch(1)
+    batches = [list(s) for s in world]
+    assert len(batches[0]) == 6  # 100 // 16 full global batches
+    flat = [i for b in batches[0] + batches[1] for i in b]
+    assert len(flat) == len(set(flat)) == 96
+    world[0].set_epoch(1, start_batch=4)
+    assert list(world[0]) == batches[0][4:]
+    world[0].set_epoch(2)
+    assert list(world[0]) != batches[0]
+
+
+def test_two_views_are_a_function_of_seed_epoch_index(fmnist_test):
+    from PIL import Image
+
+    images, labels = fmnist_test
+
+    class Source(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return Image.fromarray(images[i], mode="L").convert("RGB"), int(labels[i])
+
+    from training.config import AugmentConfig
+
+    t = two_view_transform(28, [0.5] * 3, [0.5] * 3, AugmentConfig())
+    ds = SafeTwoViewDataset(Source(), t, seed=0)
+    a1, b1, _ = ds[3]
+    torch.rand(5)  # global RNG use in between changes nothing
+    a2, b2, _ = ds[3]
+    assert torch.equal(a1, a2) and torch.equal(b1, b2) and not torch.equal(a1, b1)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[3][0], a1)
+    # grayscale input: all three channels stay equal through colour jitter and grayscale ops
+    for i in range(8):
+        a, b, _ = ds[i]
+        assert torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])
