@@ -36,13 +36,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {path} not found.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds pickled Python objects that safe loading refuses ({e}). smi-hub "
-            "never unpickles arbitrary objects; re-save the checkpoint with plain tensors and "
-            "dicts (training/ writes such checkpoints)."
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # the safe unpickler raises many types on foreign or broken files
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects that safe loading refuses ({e}). "
+                "smi-hub never unpickles arbitrary objects; re-save the checkpoint with plain "
+                "tensors and dicts (training/ writes such checkpoints)."
+            ) from e
         raise CheckpointError(
             f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be "
             "truncated or not a checkpoint at all."
