@@ -58,16 +58,17 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Weighted k-NN (Wu et al. 2018; DINO's protocol): cosine similarity to the ``k`` nearest
     training features, votes weighted by ``exp(sim / temperature)``. Returns top-1 and top-5
-    accuracy in percent."""
+    accuracy in percent. ``device``: where the similarity search runs (e.g. ``cuda``)."""
     if k < 1 or temperature <= 0:
         raise EvalError(f"k must be >= 1 and temperature > 0, got k={k}, T={temperature}.")
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    train_labels = train_labels.long()
-    test_labels = test_labels.long()
+    train = F.normalize(train_features.float().to(device), dim=1)
+    test = F.normalize(test_features.float().to(device), dim=1)
+    train_labels = train_labels.long().to(device)
+    test_labels = test_labels.long().to(device)
     c = int(num_classes or int(max(train_labels.max(), test_labels.max())) + 1)
     k = min(k, train.shape[0])
     correct1 = correct5 = 0
@@ -75,7 +76,7 @@ def knn_classify(
         sim = test[start : start + chunk_size] @ train.T
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], c)
+        votes = torch.zeros(sim.shape[0], c, device=sim.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         pred = votes.topk(min(5, c), dim=1).indices
         target = test_labels[start : start + chunk_size, None]
@@ -101,18 +102,20 @@ def train_linear(
     batch_size: int = 1024,
     seed: int = 0,
 ) -> nn.Linear:
-    """Fit a linear classifier (SGD with momentum 0.9, cosine schedule, cross-entropy)."""
+    """Fit a linear classifier (SGD with momentum 0.9, cosine schedule, cross-entropy) on the
+    device the features are on."""
     g = torch.Generator().manual_seed(seed)
     clf = nn.Linear(features.shape[1], num_classes)
     with torch.no_grad():
         clf.weight.normal_(0, 0.01, generator=g)
         clf.bias.zero_()
+    clf = clf.to(features.device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     n = features.shape[0]
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     for _ in range(epochs):
-        order = torch.randperm(n, generator=g)
+        order = torch.randperm(n, generator=g).to(features.device)
         for s in range(steps_per_epoch):
             idx = order[s * batch_size : (s + 1) * batch_size]
             loss = F.cross_entropy(clf(features[idx]), labels[idx])
@@ -147,19 +150,20 @@ def linear_probe(
     val_fraction: float = 0.1,
     num_classes: int | None = None,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Linear probe on frozen (standardized) features. With several ``lrs`` x ``weight_decays``
     the best pair is chosen on a held-out ``val_fraction`` of the training features, then the
     classifier is refit on all of them; the test set is used once."""
-    y_tr, y_te = train_labels.long(), test_labels.long()
+    y_tr, y_te = train_labels.long().to(device), test_labels.long().to(device)
     c = int(num_classes or int(max(y_tr.max(), y_te.max())) + 1)
-    x_tr, x_te = _standardize(train_features.float(), test_features.float())
+    x_tr, x_te = _standardize(train_features.float().to(device), test_features.float().to(device))
     grid = [(lr, wd) for lr in lrs for wd in weight_decays]
     sweep: list[dict[str, float]] = []
     best = grid[0]
     if len(grid) > 1:
         g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(x_tr.shape[0], generator=g)
+        order = torch.randperm(x_tr.shape[0], generator=g).to(device)
         n_val = max(1, int(round(val_fraction * x_tr.shape[0])))
         val, fit = order[:n_val], order[n_val:]
         best_acc = -1.0
@@ -524,12 +528,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     extra: dict[str, Any] = {}
     if args.protocol == "knn":
-        metrics = knn_classify(x_tr, y_tr, x_te, y_te, args.k, args.temperature)
+        metrics = knn_classify(x_tr, y_tr, x_te, y_te, args.k, args.temperature, device=args.device)
         settings.update(k=args.k, temperature=args.temperature)
     elif args.protocol == "linear":
         res = linear_probe(
             x_tr, y_tr, x_te, y_te, tuple(args.lr), tuple(args.weight_decay), args.epochs,
-            seed=args.seed,
+            seed=args.seed, device=args.device,
         )  # fmt: skip
         metrics = res["metrics"]
         settings.update(epochs=args.epochs, **res["best"])
