@@ -51,7 +51,8 @@ def test_list_and_info(capsys):
 def test_extract(weights, gallery, tmp_path, capsys):
     (gallery / "broken.png").write_bytes(b"x")
     out = tmp_path / "feats"
-    code = main(["extract", str(gallery), "-o", str(out), "--model", str(weights), "--npy"])
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        code = main(["extract", str(gallery), "-o", str(out), "--model", str(weights), "--npy"])
     assert code == 0
     feats = load_file(str(out / "features.safetensors"))["features"]
     meta = json.loads((out / "paths.json").read_text())
