@@ -49,9 +49,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_tiny_pretraining_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_config(out, "train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=2")
+    cfg = tiny_config(
+        out,
+        "train.epochs=2",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep_last=2",
+        "log.tensorboard=true",
+    )
     pretrain.train(cfg)
     assert (out / "config.yaml").is_file()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
     assert load_config(out / "config.yaml").to_dict() == cfg.to_dict()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["checkpoint_00000006.pt", "checkpoint_00000008.pt", "last.pt"]
