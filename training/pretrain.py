@@ -318,6 +318,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                     unit="step",
                     dynamic_ncols=True,
                     file=sys.stderr,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0,  # short logs under nohup
                 )
             window_t, window_n = time.time(), 0
             epoch_loss, epoch_n, epoch_skipped = 0.0, 0, 0
