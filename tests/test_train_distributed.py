@@ -1,0 +1,53 @@
+"""Two gloo processes: the gradient pretrain computes (gathered loss x world size, averaged by
+DDP) equals the single-process gradient of the same global batch, for every objective."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from training import distributed as D
+from training.losses import build_loss
+
+N, D_IN, D_OUT = 8, 6, 16
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x_a, x_b = torch.randn(N, D_IN, generator=g), torch.randn(N, D_IN, generator=g)
+    model = torch.nn.Linear(D_IN, D_OUT, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(D_OUT, D_IN, generator=g))
+    return x_a, x_b, model
+
+
+def _worker(rank: int, world: int, init_file: str, name: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x_a, x_b, model = _data()
+        ddp = DistributedDataParallel(model)
+        rows = slice(rank * N // world, (rank + 1) * N // world)
+        loss = build_loss(name)(ddp(x_a[rows]), ddp(x_b[rows]))
+        (loss * D.world_size()).backward()  # what training.pretrain does
+        out[(name, rank)] = (float(loss), model.weight.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["smi", "barlow_twins", "vicreg"])
+def test_two_process_gradient_equals_full_batch_gradient(tmp_path, name):
+    x_a, x_b, model = _data()
+    full = build_loss(name)(model(x_a), model(x_b))
+    full.backward()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(2, str(tmp_path / "init"), name, out), nprocs=2, join=True)
+        results = dict(out)
+    for rank in range(2):
+        loss, grad = results[(name, rank)]
+        assert loss == pytest.approx(float(full.detach()), rel=1e-5)
+        torch.testing.assert_close(grad, model.weight.grad, rtol=1e-4, atol=1e-6)
