@@ -160,3 +160,13 @@ def test_two_views_are_a_function_of_seed_epoch_index(fmnist_test):
     for i in range(8):
         a, b, _ = ds[i]
         assert torch.equal(a[0], a[1]) and torch.equal(a[1], a[2])
+
+
+def test_bias_bn_lr_ratio_sets_the_excluded_group_lr():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = build_optimizer(model, "lars", 1.6, 1.5e-6, bias_bn_lr_ratio=0.024)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1.6, 0.0384])
+    sched = WarmupCosine(opt, total_steps=10, warmup_steps=0)
+    sched.step()
+    ratio = opt.param_groups[1]["lr"] / opt.param_groups[0]["lr"]
+    assert ratio == pytest.approx(0.024)

@@ -104,6 +104,7 @@ class TrainConfig:
     momentum: float = 0.9
     lars_eta: float = 0.001
     exclude_bias_bn: bool = True
+    bias_bn_lr_ratio: float = 1.0
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.001
     precision: str = "bf16"
@@ -262,6 +263,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         _check_positive(key, getattr(getattr(cfg, section), name))
     _check_positive("train.lr", cfg.train.lr)
     _check_positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
+    _check_positive("train.bias_bn_lr_ratio", cfg.train.bias_bn_lr_ratio)
     _check_positive("train.warmup_epochs", cfg.train.warmup_epochs, allow_zero=True)
     _check_positive("train.max_nonfinite", cfg.train.max_nonfinite)
     _check_positive("checkpoint.every_steps", cfg.checkpoint.every_steps)

@@ -214,6 +214,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
         momentum=cfg.train.momentum,
         lars_eta=cfg.train.lars_eta,
         exclude_bias_bn=cfg.train.exclude_bias_bn,
+        bias_bn_lr_ratio=cfg.train.bias_bn_lr_ratio,
     )
     scheduler = WarmupCosine(
         optimizer,
