@@ -323,6 +323,10 @@ def test_hf_datasets_source_saved_to_disk(tmp_path, fmnist_test):
     a, b, skipped = train_ds[5]  # the corrupt row is replaced by the next one and counted
     assert skipped == 1 and a.shape == (3, 28, 28)
     assert train_ds[0][2] == 0
+    ds.to_parquet(str(tmp_path / "images.parquet"))  # a local data file works too
+    cfg = load_config(CONFIG, ["data.source=hf", f"data.path={tmp_path / 'images.parquet'}"])
+    parquet_ds = pretrain.build_train_dataset(cfg)
+    assert len(parquet_ds) == 40 and parquet_ds[5][2] == 1
     val = load_config(CONFIG, ["data.source=hf", f"data.path={tmp_path / 'hf'}", "data.split=val"])
     with pytest.raises(DataError, match="has splits"):
         pretrain.build_train_dataset(val)

@@ -28,6 +28,7 @@ from smi_hub.images import IMAGE_EXTENSIONS, load_image, to_rgb
 log = logging.getLogger("training.data")
 
 MAX_CONSECUTIVE_BAD = 16
+_HF_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json"}
 
 
 class DataError(RuntimeError):
@@ -101,6 +102,12 @@ class HFImageDataset(torch.utils.data.Dataset):
                 if split not in ds:
                     raise DataError(f"{p} has splits {list(ds)}, not {split!r}; set data.split.")
                 ds = ds[split]
+        elif p.is_file() and p.suffix.lower() in _HF_FILE_BUILDERS:
+            builder = _HF_FILE_BUILDERS[p.suffix.lower()]
+            try:
+                ds = datasets.load_dataset(builder, data_files={split: str(p)}, split=split)
+            except Exception as e:  # datasets raises many types for unusable files
+                raise DataError(f"datasets could not read {p} as {builder}: {e}") from e
         elif p.exists():
             try:
                 ds = datasets.load_dataset(str(p), split=split)
