@@ -233,6 +233,22 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                 f"{resume_path} was trained with model {state['model_config']}, the config asks "
                 f"for {base_model.config}; resume with the run's own config.yaml."
             )
+        saved = state.get("config", {})
+        changed = [
+            f"{section}.{k}: {v!r} -> {getattr(getattr(cfg, section), k)!r}"
+            for section in ("train", "data", "loss")
+            for k, v in saved.get(section, {}).items()
+            if isinstance(saved.get(section), dict)
+            and hasattr(getattr(cfg, section), k)
+            and dataclass_plain(getattr(getattr(cfg, section), k)) != v
+        ]
+        if changed and is_main:
+            log.warning(
+                "Resuming with a config that differs from the checkpoint's (%s); the LR schedule "
+                "keeps the checkpoint's length (%d steps).",
+                "; ".join(changed),
+                int(state["scheduler"]["total_steps"]),
+            )
         base_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -454,6 +470,13 @@ def dataclass_dict(obj: Any) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(obj)
+
+
+def dataclass_plain(value: Any) -> Any:
+    """A config value as the plain type stored in checkpoints (dataclasses -> dicts)."""
+    import dataclasses
+
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _fmt_time(seconds: float) -> str:
