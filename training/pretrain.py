@@ -226,7 +226,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
 
     start_epoch, step, start_batch = 0, 0, 0
     if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location=device)
+        state = load_checkpoint(resume_path, map_location="cpu")  # RNG states must stay on CPU
         base_model = _unwrap(model)
         if state["model_config"] != base_model.config:
             raise CheckpointError(
@@ -424,7 +424,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             if bar is not None:
                 bar.close()
             seen = max(1, step_in_epoch - (start_batch if epoch == start_epoch else 0))
-            skipped_all = int(D.all_reduce_sum(torch.tensor([epoch_skipped])).item())
+            skipped_all = int(D.all_reduce_sum(torch.tensor([epoch_skipped], device=device)).item())
             skipped_total += skipped_all
             frac = skipped_all / (seen * cfg.train.batch_size)
             if frac > cfg.data.max_bad_fraction:
