@@ -199,6 +199,42 @@ class SMIModel(
         save_weights_folder(self, save_directory)
 
     @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+    ) -> SMIModel:
+        """Load a weights folder or a Hugging Face repo id (downloaded, or from the cache when
+        ``HF_HUB_OFFLINE=1``) strictly; the architecture comes from its ``config.json``.
+
+        Replaces the mixin's version, which reads ``config.json`` through ``hf_hub_download``
+        first and so leaks huggingface_hub's errors (e.g. ``LocalEntryNotFoundError`` offline
+        with an empty cache); here every failure is a ``WeightsError`` that says how to fix it.
+        """
+        if not strict:
+            raise ValueError(
+                "SMIModel weights always load strictly (strict=False is not supported); build "
+                "SMIModel(...) and call load_state_dict(..., strict=False) yourself to load a "
+                "partial state dict."
+            )
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            map_location=map_location,
+        )
+
+    @classmethod
     def _from_pretrained(
         cls,
         *,
