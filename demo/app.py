@@ -49,6 +49,11 @@ MAP_TYPES = {
     "Grad-CAM (gallery class-mean probe, query's class)": "gradcam",
 }
 _GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+# tiny images: show the pixels (no smoothing) and let the query fill its box
+CSS = """
+#query img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+#query-map img, #neighbours img { image-rendering: pixelated; }
+"""
 
 
 _MODEL_STATE = (
@@ -581,7 +586,8 @@ def build_app(
 
     choices = available_models()
     current = engine.model_name if engine.model_name in choices else None
-    with gr.Blocks(title="smi-hub demo", analytics_enabled=False) as app:
+    style = {"css": CSS} if _GRADIO_MAJOR < 6 else {}  # Gradio 6: launch(css=...)
+    with gr.Blocks(title="smi-hub demo", analytics_enabled=False, **style) as app:
         gr.Markdown(
             "# smi-hub: nearest neighbours and localization maps\n"
             "Upload an image (or pick an example from the gallery): the page shows the most "
@@ -673,6 +679,7 @@ def launch(
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,
         ssr_mode=False,
+        **({"css": CSS} if _GRADIO_MAJOR >= 6 else {}),
     )
 
 
