@@ -43,7 +43,7 @@ CACHE_FORMAT = 1
 DISPLAY_SIZE = 224  # px of the longer side of displayed images (28 px images: x8, nearest)
 MAX_K = 20
 EXAMPLES = 10
-# UI label -> localization_map method
+# UI label -> localization_map method (the value the page and the API use)
 MAP_TYPES = {
     "similarity (own embedding; neighbours: match to the query)": "similarity",
     "Grad-CAM (gallery class-mean probe, query's class)": "gradcam",
@@ -606,7 +606,11 @@ def build_app(
                 )
                 lenient_preprocess(query)
                 k_slider = gr.Slider(1, MAX_K, value=k, step=1, label="k (neighbours)")
-                map_type = gr.Radio(list(MAP_TYPES), value=next(iter(MAP_TYPES)), label="Map type")
+                map_type = gr.Radio(
+                    [(label, method) for label, method in MAP_TYPES.items()],
+                    value="similarity",
+                    label="Map type",
+                )
                 alpha = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Map opacity")
                 button = gr.Button("Search", variant="primary", elem_id="search")
             with gr.Column(scale=2):

@@ -102,7 +102,7 @@ def test_search_returns_k_sorted_results_with_labels(engine, env):
     assert [m.path for m in engine.search(arr, k=3)[2]] == [m.path for m in matches[:3]]
 
 
-@pytest.mark.parametrize("map_type", list(app.MAP_TYPES))
+@pytest.mark.parametrize("map_type", [*app.MAP_TYPES.values(), next(iter(app.MAP_TYPES))])
 def test_page_output(engine, env, map_type):
     query = first_image(env["gallery"])
     items, overlay, status = app.search_page(engine, str(query), 4, map_type, 0.5)
@@ -159,6 +159,8 @@ def test_bad_inputs_give_messages(engine, env, tmp_path):
         items, overlay, status = app.search_page(engine, image, 5, "similarity", 0.4)
         assert items == [] and overlay is None and expected in status, (image, status)
         assert str(tmp_path) not in status  # the temp folder of an upload is not shown
+    query = first_image(env["gallery"])
+    assert "Unknown map type" in app.search_page(engine, str(query), 5, "nope", 0.4)[2]
 
 
 def test_huge_image_refused(env, tmp_path):
@@ -295,7 +297,7 @@ def test_api_through_gradio_client(env):
         api = client.view_api(print_info=False, return_format="dict")
         assert {"/search", "/load_model"} <= set(api["named_endpoints"])
         query = first_image(env["gallery"])
-        maps = list(app.MAP_TYPES)
+        maps = ["similarity", "gradcam"]
         items, overlay, status = client.predict(
             handle_file(str(query)), 6, maps[1], 0.5, api_name="/search"
         )

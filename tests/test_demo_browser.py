@@ -108,6 +108,15 @@ def test_upload_search_and_screenshot(server):
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            remote: list[str] = []  # the page must not need the internet
+            page.on(
+                "request",
+                lambda r: (
+                    None
+                    if r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                    else remote.append(r.url)
+                ),
+            )
             page.goto(server["url"], wait_until="domcontentloaded")
             page.locator("#query input[type=file]").set_input_files(str(query))
             # k: the slider's number box, then Search
@@ -126,6 +135,7 @@ def test_upload_search_and_screenshot(server):
             page.wait_for_timeout(300)  # let the images paint
             page.screenshot(path=str(shot), full_page=True)
             assert not errors, errors
+            assert not remote, remote
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
