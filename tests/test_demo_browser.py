@@ -97,7 +97,10 @@ def server(tmp_path_factory):
 
 
 def test_upload_search_and_screenshot(server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    try:
+        from playwright import sync_api
+    except ImportError as e:  # a missing install step is an error, not a skip
+        pytest.fail(f"{e}: pip install -e '.[dev]' (playwright; no `playwright install` needed)")
     query = sorted((server["gallery"] / "Ankle_boot").glob("*.png"))[0]
     shot = server["root"] / "demo.png"
     with sync_api.sync_playwright() as p:
