@@ -25,7 +25,7 @@ from smi_hub.registry import DEFAULT_MODEL, REGISTRY
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
 DOCS_SHOT = REPO / "docs" / "images" / "demo.png"
-K = 5
+K = 6  # not the default (5): the k control is exercised
 
 pytestmark = [
     pytest.mark.browser,
@@ -137,6 +137,10 @@ def test_upload_search_and_screenshot(server):
             assert "1. Ankle boot" in captions
             page.wait_for_timeout(300)  # let the images paint
             page.screenshot(path=str(shot), full_page=True)
+            # another map type re-runs the search by itself
+            page.get_by_text("Grad-CAM", exact=False).first.click()
+            sync_api.expect(page.locator("#status")).to_contain_text("Grad-CAM", timeout=30_000)
+            sync_api.expect(neighbours).to_have_count(K)
             assert not errors, errors
             assert not remote, remote
         finally:
