@@ -303,7 +303,10 @@ class SearchEngine:
             index = smi_hub.EmbeddingIndex(metadata={**meta, "skipped": self.skipped})
             if len(rel):
                 index.add(result.features, labels=rel)
-                index.save(folder)
+                try:
+                    index.save(folder)
+                except OSError as e:  # a read-only cache costs time, not the demo
+                    print(f"smi-hub demo: embeddings not cached ({e})", file=sys.stderr)
         self.index, self.index_dir = index, folder
         self._build_probe()
 
@@ -353,7 +356,9 @@ class SearchEngine:
 
     def _ready(self) -> tuple[torch.nn.Module, smi_hub.EmbeddingIndex]:
         if self.model is None:
-            raise DemoError(self.model_error or "No model is loaded; pick one under Model.")
+            raise DemoError(
+                self.model_error or "No model is loaded; load one under 'Model and gallery'."
+            )
         if self.gallery_error is not None:
             raise DemoError(self.gallery_error)
         if self.index is None or len(self.index) == 0:
@@ -424,8 +429,9 @@ class SearchEngine:
         """(gallery items, query overlay, status markdown) for the page; ``DemoError`` on bad
         input or a missing model / gallery."""
         method = MAP_TYPES.get(map_type, map_type)
-        pil, emb, matches = self.search(image, k)
-        qmap, nmaps, note = self.maps(pil, emb, matches, method)
+        with self.lock:  # the same model for the search and the maps
+            pil, emb, matches = self.search(image, k)
+            qmap, nmaps, note = self.maps(pil, emb, matches, method)
         items = []
         for rank, (m, heat) in enumerate(zip(matches, nmaps, strict=True), start=1):
             try:
