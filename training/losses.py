@@ -53,9 +53,13 @@ class SMILoss(nn.Module):
 
     Args:
         lambda_offdiag: weight of the mean dependence between different images (minimized).
+            8.0 by default: at 1.0 the positive term dominates and the projector output
+            collapses to a few dimensions (effective rank ~3-20); see docs/method.md.
         diag_weight: weight of the mean dependence of the two views of one image (maximized).
-        eps: ``R^2`` is clamped to at most ``1 - eps`` so identical views give a finite loss
-            (at most ``-1/2 log(eps)`` per pair) and finite gradients.
+        eps: ``R^2`` is clamped to at most ``1 - eps``: a positive pair stops pulling once its
+            correlation exceeds ``sqrt(1 - eps)`` (0.95 for the default 0.1), the loss stays
+            finite for identical views (at most ``-1/2 log(eps)`` per pair), and so do the
+            gradients. Smaller values force near-identical views and lower the rank.
         std_eps: added to each sample's feature variance before the square root, so a constant
             embedding standardizes to zeros instead of NaN.
         gather: gather embeddings from all ranks under torch.distributed (global-batch loss).
@@ -63,9 +67,9 @@ class SMILoss(nn.Module):
 
     def __init__(
         self,
-        lambda_offdiag: float = 1.0,
+        lambda_offdiag: float = 8.0,
         diag_weight: float = 1.0,
-        eps: float = 1e-4,
+        eps: float = 0.1,
         std_eps: float = 1e-5,
         gather: bool = True,
     ) -> None:
