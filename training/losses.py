@@ -8,6 +8,9 @@ See docs/method.md for the formulas and their costs.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -41,6 +44,121 @@ def off_diagonal(m: torch.Tensor) -> torch.Tensor:
     """The off-diagonal entries of a square matrix, flattened."""
     n = m.shape[0]
     return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+# --- SMI forward + backward without N x D intermediates --------------------------------------
+#
+# Autograd on the readable formula (SMILoss.reference_loss) keeps the centred and standardized
+# copies of both views for backward and creates their gradients: about 8 N D floats at the peak,
+# which at N = 256, D = 8192 is four times the N x D input gradients that any loss must return.
+# _SMIFunction keeps only the inputs (alive anyway), per-sample mean and 1/std (N-vectors) and
+# the N x N correlation matrix, and rebuilds standardized rows a block at a time when needed.
+
+# Rows of a standardized view materialized at once: enough rows that the row-block loops make
+# a few large matmuls, few enough that a block stays a small fraction of the N x D gradients.
+_BLOCK_BYTES = 1 << 20
+_MIN_BLOCKS = 8
+
+
+def _row_blocks(n: int, d: int, itemsize: int) -> Iterator[slice]:
+    """Row slices covering ``range(n)``: about 1 MiB per block, at most ``_MIN_BLOCKS`` blocks
+    more than needed (so a block is at most ~1/8 of an N x D tensor for large N)."""
+    rows = max(1, _BLOCK_BYTES // (d * itemsize), -(-n // _MIN_BLOCKS))
+    for start in range(0, n, rows):
+        yield slice(start, min(start + rows, n))
+
+
+def _standardized(z: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, rows: slice):
+    """Rows ``rows`` of the per-sample standardized ``z``: ``(z - mean) / std``."""
+    return (z[rows] - mean[rows, None]).mul_(inv_std[rows, None])
+
+
+def _gaussian_mi(r: torch.Tensor, eps: float) -> torch.Tensor:
+    """``M = -1/2 log(1 - min(R^2, 1 - eps))``, elementwise (step 3 of SMILoss)."""
+    return -0.5 * torch.log1p(-r.pow(2).clamp(max=1.0 - eps))
+
+
+def _smi_from_m(m: torch.Tensor, lambda_offdiag: float, diag_weight: float) -> torch.Tensor:
+    """``-diag_weight * mean(diag M) + lambda_offdiag * mean(offdiag M)`` (step 4 of SMILoss)."""
+    return -diag_weight * m.diagonal().mean() + lambda_offdiag * off_diagonal(m).mean()
+
+
+class _SMIFunction(torch.autograd.Function):
+    """SMI loss of ``z_a, z_b`` (N x D, float32 or float64) with a hand-written backward.
+
+    Same value and gradients as autograd on ``SMILoss.reference_loss``, with no N x D tensor
+    saved for backward but the inputs and none created in backward but the two gradients it
+    returns (plus one block of rows at a time). Double backward (``create_graph=True``) is not
+    supported and raises: training differentiates the loss once.
+    """
+
+    @staticmethod
+    def forward(ctx, z_a, z_b, lambda_offdiag, diag_weight, eps, std_eps):  # type: ignore[override]
+        n, d = z_a.shape
+        var_a, mean_a = torch.var_mean(z_a, dim=1, correction=0)
+        var_b, mean_b = torch.var_mean(z_b, dim=1, correction=0)
+        inv_a, inv_b = torch.rsqrt(var_a + std_eps), torch.rsqrt(var_b + std_eps)
+        # R = a_std @ b_std.T / D, a standardized one block of rows at a time. The full b_std
+        # lives only here, before the N x D gradients exist, so it does not raise the peak.
+        b_std = (z_b - mean_b[:, None]).mul_(inv_b[:, None])
+        r = z_a.new_empty(n, n)
+        for rows in _row_blocks(n, d, z_a.element_size()):
+            torch.mm(_standardized(z_a, mean_a, inv_a, rows), b_std.T, out=r[rows])
+        del b_std
+        r.div_(d)
+        ctx.save_for_backward(z_a, z_b, mean_a, inv_a, mean_b, inv_b, r)
+        ctx.weights = (lambda_offdiag, diag_weight, eps)
+        return _smi_from_m(_gaussian_mi(r, eps), lambda_offdiag, diag_weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if torch.is_grad_enabled():  # backward(create_graph=True): a graph of the gradient
+            raise RuntimeError(
+                "SMILoss's backward is hand-written and once differentiable: double backward "
+                "(create_graph=True) is not supported. Use SMILoss.reference_loss(z_a, z_b), "
+                "the same loss differentiated by autograd, for higher-order gradients."
+            )
+        z_a, z_b, mean_a, inv_a, mean_b, inv_b, r = ctx.saved_tensors
+        lambda_offdiag, diag_weight, eps = ctx.weights
+        n, d = z_a.shape
+        itemsize = z_a.element_size()
+        # G = dL/dR. dL/dM is -diag_weight / N on the diagonal and lambda / (N (N - 1)) off it;
+        # dM/dR = R / (1 - R^2) where R^2 <= 1 - eps, 0 where the clamp is active (as torch's
+        # clamp backward, the boundary itself passes the gradient).
+        r2 = r.pow(2)
+        dm = torch.full_like(r, lambda_offdiag / (n * (n - 1)))
+        dm.diagonal().fill_(-diag_weight / n)
+        g = torch.where(r2 <= 1.0 - eps, dm * r / (1.0 - r2), 0.0).mul_(grad_out / d)
+        del r2, dm
+        # Through R = a b^T / D (the 1/D is in g): dL/da = g @ b, dL/db = g^T @ a, summed over
+        # row blocks of the standardized views (rank-block updates of the two N x D outputs).
+        need_a, need_b = ctx.needs_input_grad[:2]
+        grad_a = torch.zeros_like(z_a) if need_a else None
+        grad_b = torch.zeros_like(z_b) if need_b else None
+        for rows in _row_blocks(n, d, itemsize):
+            if need_a:
+                grad_a.addmm_(g[:, rows], _standardized(z_b, mean_b, inv_b, rows))
+            if need_b:
+                grad_b.addmm_(g[rows].T, _standardized(z_a, mean_a, inv_a, rows))
+        # Through the standardization s = (z - mean) / sigma, sigma = sqrt(var + std_eps), per
+        # row with h = dL/ds:  dL/dz = (h - mean(h) - s * mean(h * s)) / sigma.
+        # (d sigma / dz = s / D, and the std_eps in sigma does not change this form.)
+        # mean(h * s) needs no N x D work: for a, h = G b / D, so mean_k h_ik a_ik
+        # = sum_j G_ij (a b^T)_ij / D^2 = sum_j g_ij R_ij: the row sums of g * R (for b, the
+        # column sums). mean(h) is 0 up to rounding (the rows of b sum to 0); it is subtracted.
+        gr = g.mul_(r)
+        for grad, z, mean, inv, hs in (
+            (grad_a, z_a, mean_a, inv_a, gr.sum(dim=1)),
+            (grad_b, z_b, mean_b, inv_b, gr.sum(dim=0)),
+        ):
+            if grad is None:
+                continue
+            for rows in _row_blocks(n, d, itemsize):
+                h = grad[rows]
+                h.sub_(h.mean(dim=1, keepdim=True))
+                h.addcmul_(_standardized(z, mean, inv, rows), hs[rows, None], value=-1.0)
+                h.mul_(inv[rows, None])
+        return grad_a, grad_b, None, None, None, None
 
 
 class SMILoss(nn.Module):
@@ -95,17 +213,41 @@ class SMILoss(nn.Module):
         dtype = torch.promote_types(z_a.dtype, torch.float32)
         a = self.standardize(z_a.to(dtype), self.std_eps)
         b = self.standardize(z_b.to(dtype), self.std_eps)
-        r = a @ b.T / a.shape[1]
-        return -0.5 * torch.log1p(-r.pow(2).clamp(max=1.0 - self.eps))
+        return _gaussian_mi(a @ b.T / a.shape[1], self.eps)
+
+    def reference_loss(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        """The loss as the readable formula, differentiated by autograd (no gather).
+
+        Same value and gradients as ``forward`` (tests compare them), but autograd keeps
+        about 8 N x D floats alive at the backward peak where ``forward`` keeps the two
+        N x D input gradients and a small block; also twice differentiable.
+        """
+        m = self.dependency_matrix(z_a, z_b)
+        return _smi_from_m(m, self.lambda_offdiag, self.diag_weight)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        """The loss, through ``_SMIFunction``: computed in float32 (or float64 for float64
+        inputs) whatever the autocast state; gradients in the inputs' dtype. Supports one
+        backward pass, not double backward (use ``reference_loss`` for that)."""
         check_embeddings(z_a, z_b)
         if self.gather:
             z_a, z_b = gather_with_grad(z_a), gather_with_grad(z_b)
-        m = self.dependency_matrix(z_a, z_b)
-        return (
-            -self.diag_weight * m.diagonal().mean() + self.lambda_offdiag * off_diagonal(m).mean()
+        dtype = torch.promote_types(z_a.dtype, torch.float32)
+        device_type = z_a.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.is_autocast_enabled(device_type)
+            else contextlib.nullcontext()
         )
+        with no_autocast:
+            return _SMIFunction.apply(
+                z_a.to(dtype).contiguous(),
+                z_b.to(dtype).contiguous(),
+                self.lambda_offdiag,
+                self.diag_weight,
+                self.eps,
+                self.std_eps,
+            )
 
 
 class BarlowTwinsLoss(nn.Module):
