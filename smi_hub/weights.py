@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from smi_hub.errors import ChecksumError, UnsupportedFormatError, WeightsError
+from smi_hub.errors import ChecksumError, DownloadError, UnsupportedFormatError, WeightsError
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -183,6 +183,33 @@ def load_weights_folder(
     return model.eval()
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Connection and timeout errors of the HTTP clients huggingface_hub may be built on
+    (httpx2 / httpx in recent versions, requests in older ones), plus Python's own."""
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [getattr(mod, name) for name in names if hasattr(mod, name)]
+    return tuple(errors)
+
+
+def _hf_offline() -> bool:
+    """True when huggingface_hub runs in offline mode (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or value in ("1", "true", "yes", "on")
+
+
 def resolve_hf_folder(
     repo_id_or_path: str | os.PathLike,
     *,
@@ -195,16 +222,34 @@ def resolve_hf_folder(
     """A local folder for a weights folder path or a Hugging Face repo id (downloaded or cached).
 
     Honors ``HF_HUB_OFFLINE=1``: then only the local Hugging Face cache is used.
+
+    Raises:
+        WeightsError: not a valid repo id; the repo (or revision, or file) does not exist or
+            is private or gated; or it is not cached while downloading is off.
+        DownloadError: the Hub could not be reached or answered with an HTTP error.
     """
     path = Path(repo_id_or_path)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    repo = str(repo_id_or_path)
+    predownload = (
+        f"pre-download it with `hf download {repo}` (`huggingface-cli download {repo}` with "
+        "huggingface_hub < 0.34) on a machine that is online"
+    )
     try:
         local = snapshot_download(
-            repo_id=str(repo_id_or_path),
+            repo_id=repo,
             revision=revision,
             cache_dir=cache_dir,
             force_download=force_download,
@@ -214,13 +259,58 @@ def resolve_hf_folder(
         )
     except HFValidationError as e:
         raise WeightsError(
-            f"{repo_id_or_path!r} is neither an existing folder nor a valid Hugging Face repo "
+            f"{repo!r} is neither an existing folder nor a valid Hugging Face repo "
             f"id ('owner/name'): {e}"
         ) from e
     except LocalEntryNotFoundError as e:
+        if local_files_only or _hf_offline():
+            fix = (
+                "pass local_files_only=False"
+                if local_files_only and not _hf_offline()
+                else "unset HF_HUB_OFFLINE (or set HF_HUB_OFFLINE=0)"
+            )
+            raise WeightsError(
+                f"{repo!r} is not in the Hugging Face cache and downloading is off "
+                "(HF_HUB_OFFLINE=1 or local_files_only=True). To fix it, "
+                f"{fix} to download it, or {predownload}; or point to a local weights folder."
+            ) from e
+        raise DownloadError(  # online, but the Hub could not be reached and nothing is cached
+            f"Could not reach the Hugging Face Hub to download {repo!r}, and it is not in the "
+            f"local cache ({e}). Check the network connection (and HF_ENDPOINT / proxy "
+            f"settings) and retry, or {predownload}."
+        ) from e
+    except GatedRepoError as e:
         raise WeightsError(
-            f"{repo_id_or_path!r} is not in the Hugging Face cache and downloading is off "
-            "(HF_HUB_OFFLINE=1 or local_files_only=True). Download it once while online, or "
-            "point to a local weights folder."
+            f"The Hugging Face repo {repo!r} is gated: request access at "
+            f"https://huggingface.co/{repo}, then log in (`hf auth login` or HF_TOKEN) or pass "
+            "token=."
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise WeightsError(
+            f"No Hugging Face model repo {repo!r} could be found: check the id ('owner/name') "
+            "for typos; if the repo is private, log in (`hf auth login` or HF_TOKEN) or pass "
+            "token=. Or pass a local weights folder."
+        ) from e
+    except RevisionNotFoundError as e:
+        raise WeightsError(
+            f"The Hugging Face repo {repo!r} has no revision {revision!r} (branch, tag or "
+            "commit); check it, or leave revision unset for the main branch."
+        ) from e
+    except EntryNotFoundError as e:
+        raise WeightsError(
+            f"The Hugging Face repo {repo!r} lacks a file of the smi-hub weights folder "
+            f"({CONFIG_NAME}, {WEIGHTS_NAME}): {e}. Re-upload it with smi-hub export / "
+            "push_to_hub."
+        ) from e
+    except HfHubHTTPError as e:
+        raise DownloadError(
+            f"Downloading {repo!r} from the Hugging Face Hub failed: {e}. Retry later; if it "
+            f"persists, {predownload}."
+        ) from e
+    except _network_errors() as e:
+        raise DownloadError(
+            f"Downloading {repo!r} from the Hugging Face Hub failed: network error "
+            f"({type(e).__name__}: {e}). Check the connection (and HF_ENDPOINT / proxy "
+            f"settings) and retry, or {predownload}."
         ) from e
     return Path(local)

@@ -424,3 +424,127 @@ def test_torch_hub_local(folder, server):
     assert same_weights(model, smi_hub.load(folder))
     with pytest.raises(WeightsError, match="resnet50 was requested"):
         torch.hub.load(str(REPO), "smi_resnet50", source="local", weights=url, progress=False)
+
+
+# --- Hugging Face download errors become smi-hub errors naming the repo ------------------
+
+
+def _hf_http_error(cls, status: int, repo: str = "smi-hub/missing"):
+    """An HfHubHTTPError subclass built as the installed huggingface_hub builds it:
+    ``cls(message, response=...)`` with a response of its HTTP client (httpx2 / httpx)."""
+    import importlib
+
+    from huggingface_hub import errors as hf_errors
+
+    client = importlib.import_module(hf_errors.HTTPError.__module__.split(".")[0])
+    url = f"https://huggingface.co/api/models/{repo}"
+    response = client.Response(status, request=client.Request("GET", url))
+    return cls(f"{status} Client Error for url: {url}", response=response)
+
+
+def _raising_snapshot_download(monkeypatch, exc: BaseException) -> list[dict]:
+    import huggingface_hub
+
+    calls: list[dict] = []
+
+    def fake(**kw):
+        calls.append(kw)
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return calls
+
+
+def test_hf_not_cached_offline_says_how_to_fix(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from smi_hub.weights import resolve_hf_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _raising_snapshot_download(monkeypatch, LocalEntryNotFoundError("not cached"))
+    with pytest.raises(WeightsError) as e:
+        resolve_hf_folder("smi-hub/not-cached")
+    msg = str(e.value)
+    assert "'smi-hub/not-cached'" in msg and "HF_HUB_OFFLINE=0" in msg and "unset" in msg
+    assert "hf download smi-hub/not-cached" in msg
+    assert "huggingface-cli download smi-hub/not-cached" in msg
+
+
+def test_hf_not_cached_local_files_only_real_cache(tmp_path):
+    """The real snapshot_download on an empty cache with local_files_only (no network)."""
+    from smi_hub.weights import resolve_hf_folder
+
+    with pytest.raises(WeightsError, match=r"'smi-hub/nothing-here'.*local_files_only=False"):
+        resolve_hf_folder("smi-hub/nothing-here", cache_dir=tmp_path, local_files_only=True)
+
+
+def _hf_exception(kind: str) -> BaseException:
+    from huggingface_hub import errors as hf_errors
+
+    http = {
+        "repo_not_found": ("RepositoryNotFoundError", 401),
+        "gated": ("GatedRepoError", 403),
+        "revision_not_found": ("RevisionNotFoundError", 404),
+        "entry_not_found": ("RemoteEntryNotFoundError", 404),
+        "http_503": ("HfHubHTTPError", 503),
+    }
+    if kind in http:
+        name, status = http[kind]
+        return _hf_http_error(getattr(hf_errors, name), status)
+    if kind == "unreachable_not_cached":  # what snapshot_download raises when online but cut off
+        return hf_errors.LocalEntryNotFoundError(
+            "An error happened ... Please check your internet connection and try again."
+        )
+    if kind == "connection_error":
+        return ConnectionError("Connection refused")
+    return TimeoutError("timed out")
+
+
+@pytest.mark.parametrize(
+    "kind, error, pattern",
+    [
+        (
+            "repo_not_found",
+            WeightsError,
+            r"No Hugging Face model repo 'smi-hub/missing'.*typos.*private.*token",
+        ),
+        ("gated", WeightsError, r"'smi-hub/missing' is gated.*https://huggingface.co/smi-hub/"),
+        ("revision_not_found", WeightsError, r"'smi-hub/missing' has no revision 'v9'"),
+        ("entry_not_found", WeightsError, r"'smi-hub/missing' lacks a file"),
+        ("http_503", DownloadError, r"Downloading 'smi-hub/missing' from the Hugging .* 503"),
+        (
+            "unreachable_not_cached",
+            DownloadError,
+            r"Could not reach the Hugging Face Hub to download 'smi-hub/missing'.*hf download",
+        ),
+        (
+            "connection_error",
+            DownloadError,
+            r"'smi-hub/missing'.*network error \(ConnectionError: Connection refused\)",
+        ),
+        ("timeout", DownloadError, r"'smi-hub/missing'.*network error \(TimeoutError"),
+    ],
+)
+def test_hf_errors_become_smi_hub_errors(monkeypatch, kind, error, pattern):
+    from smi_hub.weights import resolve_hf_folder
+
+    calls = _raising_snapshot_download(monkeypatch, _hf_exception(kind))
+    with pytest.raises(error, match=pattern) as e:
+        resolve_hf_folder("smi-hub/missing", revision="v9")
+    assert calls and calls[0]["repo_id"] == "smi-hub/missing"
+    assert isinstance(e.value, smi_hub.SMIHubError)
+
+
+def test_hf_http_client_connect_error_becomes_download_error(monkeypatch):
+    """The HTTP client's own transport error (httpx2 / httpx ConnectError), as raised while
+    files are being downloaded."""
+    import importlib
+
+    from huggingface_hub import errors as hf_errors
+
+    client = importlib.import_module(hf_errors.HTTPError.__module__.split(".")[0])
+    if not hasattr(client, "ConnectError"):
+        pytest.skip(f"{client.__name__} has no ConnectError")
+    _raising_snapshot_download(monkeypatch, client.ConnectError("[Errno 111] refused"))
+    with pytest.raises(DownloadError, match=r"'smi-hub/missing'.*ConnectError"):
+        smi_hub.load("smi-hub/missing")  # the same path smi_hub.load takes for repo ids
