@@ -80,7 +80,9 @@ def _gaussian_mi(r: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _smi_from_m(m: torch.Tensor, lambda_offdiag: float, diag_weight: float) -> torch.Tensor:
     """``-diag_weight * mean(diag M) + lambda_offdiag * mean(offdiag M)`` (step 4 of SMILoss)."""
-    return -diag_weight * m.diagonal().mean() + lambda_offdiag * off_diagonal(m).mean()
+    n = m.shape[0]
+    offdiag = m.flatten()[:-1].view(n - 1, n + 1)[:, 1:]  # a view: off_diagonal without a copy
+    return -diag_weight * m.diagonal().mean() + lambda_offdiag * offdiag.mean()
 
 
 class _SMIFunction(torch.autograd.Function):
@@ -108,7 +110,8 @@ class _SMIFunction(torch.autograd.Function):
         r.div_(d)
         ctx.save_for_backward(z_a, z_b, mean_a, inv_a, mean_b, inv_b, r)
         ctx.weights = (lambda_offdiag, diag_weight, eps)
-        return _smi_from_m(_gaussian_mi(r, eps), lambda_offdiag, diag_weight)
+        m = r.pow(2).clamp_(max=1.0 - eps).neg_().log1p_().mul_(-0.5)  # _gaussian_mi, in place
+        return _smi_from_m(m, lambda_offdiag, diag_weight)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -124,12 +127,14 @@ class _SMIFunction(torch.autograd.Function):
         itemsize = z_a.element_size()
         # G = dL/dR. dL/dM is -diag_weight / N on the diagonal and lambda / (N (N - 1)) off it;
         # dM/dR = R / (1 - R^2) where R^2 <= 1 - eps, 0 where the clamp is active (as torch's
-        # clamp backward, the boundary itself passes the gradient).
-        r2 = r.pow(2)
-        dm = torch.full_like(r, lambda_offdiag / (n * (n - 1)))
-        dm.diagonal().fill_(-diag_weight / n)
-        g = torch.where(r2 <= 1.0 - eps, dm * r / (1.0 - r2), 0.0).mul_(grad_out / d)
-        del r2, dm
+        # clamp backward, the boundary itself passes the gradient). Built in place: one N x N.
+        g = r.pow(2)
+        clamped = g > 1.0 - eps
+        torch.div(r, g.neg_().add_(1.0), out=g).masked_fill_(clamped, 0.0)
+        del clamped
+        g_diag = g.diagonal() * (-diag_weight / n)
+        g.mul_(lambda_offdiag / (n * (n - 1))).diagonal().copy_(g_diag)
+        g.mul_(grad_out / d)
         # Through R = a b^T / D (the 1/D is in g): dL/da = g @ b, dL/db = g^T @ a, summed over
         # row blocks of the standardized views (rank-block updates of the two N x D outputs).
         need_a, need_b = ctx.needs_input_grad[:2]
