@@ -174,6 +174,11 @@ class SMILoss(nn.Module):
     3. ``M = -1/2 log(1 - R^2)``: Gaussian mutual information of each pair;
     4. ``loss = -diag_weight * mean(diag M) + lambda_offdiag * mean(offdiag M)``.
 
+    ``forward`` computes this with ``_SMIFunction``, a hand-written backward that keeps no
+    N x D intermediate (its extra memory is the two N x D input gradients plus a block of rows
+    and a few N x N matrices); it supports one backward pass, not double backward.
+    ``reference_loss`` is the same formula written plainly and differentiated by autograd.
+
     Args:
         lambda_offdiag: weight of the mean dependence between different images (minimized).
             8.0 by default: at 1.0 the positive term dominates and the projector output
