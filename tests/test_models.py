@@ -240,7 +240,7 @@ except WeightsError as e:
     env = dict(os.environ, HF_HOME=str(tmp_path / "empty-hf"), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     out = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-2000:]  # no LocalEntryNotFoundError traceback
     assert "WeightsError: 'smi-hub/not-cached' is not in the Hugging Face cache" in out.stdout
