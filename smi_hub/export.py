@@ -129,7 +129,8 @@ def collect_results(
             raise CheckpointError(f"Results file {f} is unreadable: {e}") from e
         if not isinstance(result, dict):
             raise CheckpointError(f"Results file {f} must hold a JSON object.")
-        results.update(flatten_results(result, str(f)))
+        flat = flatten_results(result, str(f))
+        results.update({k: round(v, 4) if isinstance(v, float) else v for k, v in flat.items()})
         if result.get("dataset"):
             datasets[result["protocol"]] = str(result["dataset"])
     return results, datasets

@@ -144,7 +144,7 @@ _FMNIST = {
     "arch": "resnet18",
     "base_width": 16,
     "small_stem": True,
-    "projector_dims": [1024, 1024, 1024],
+    "projector_dims": [],  # trained with 1024-1024-1024; exported without it (backbone only)
     "image_size": 28,
     "mean": [0.286, 0.286, 0.286],
     "std": [0.353, 0.353, 0.353],
@@ -172,9 +172,8 @@ REGISTRY: dict[str, ModelEntry] = {
             recipe="training/configs/fmnist_resnet18_smi.yaml",
             epochs=5,
             resize_ratio=1.0,
-            # sha256 of smi_hub/weights/smi_resnet18_fmnist/model.safetensors; set it when the
-            # folder is committed (tests check that the two agree).
-            sha256=None,
+            # sha256 of smi_hub/weights/smi_resnet18_fmnist/model.safetensors, checked on load
+            sha256="bf0cadc6cd400d4daa646e5fe00e3e66c685c14eb0108f232760c7de2a582d97",
         ),
         *(
             ModelEntry(
