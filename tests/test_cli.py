@@ -141,9 +141,10 @@ def test_quickstart(weights, capsys, fmnist_test):
     assert not in_gallery & queried
 
 
-def test_quickstart_without_default(capsys):
-    if smi_hub.registry.REGISTRY["smi_resnet18_fmnist"].available:
-        pytest.skip("the embedded default is present")
+def test_quickstart_without_default(capsys, monkeypatch, tmp_path):
+    # an install whose package lost its weights folder
+    monkeypatch.setattr(smi_hub.registry, "WEIGHTS_ROOT", tmp_path)
+    assert not smi_hub.registry.REGISTRY["smi_resnet18_fmnist"].available
     assert main(["quickstart"]) == 1
     assert "embedded default weights" in capsys.readouterr().err
 

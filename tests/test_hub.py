@@ -120,13 +120,6 @@ def _torchvision_r50_state():
 
 def test_embedded_default_entry_matches_its_folder():
     entry = REGISTRY["smi_resnet18_fmnist"]
-    if not entry.available:
-        with pytest.raises(WeightsNotPublishedError) as e:
-            smi_hub.load()
-        msg = str(e.value)
-        assert "missing" in msg and "training/configs/fmnist_resnet18_smi.yaml" in msg
-        assert "smi-hub export" in msg
-        return
     folder = entry.weights_folder
     assert entry.sha256 == sha256_file(folder / "model.safetensors"), (
         "set ModelEntry.sha256 in smi_hub/registry.py to the committed file's sha256"
@@ -136,6 +129,17 @@ def test_embedded_default_entry_matches_its_folder():
         assert cfg[key] == value, key
     model = smi_hub.load()
     assert model.config == {k: cfg[k] for k in model.config}
+
+
+def test_missing_embedded_default_says_how_to_build_it(monkeypatch, tmp_path):
+    from smi_hub import registry
+
+    monkeypatch.setattr(registry, "WEIGHTS_ROOT", tmp_path)  # an install without the folder
+    with pytest.raises(WeightsNotPublishedError) as e:
+        smi_hub.load()
+    msg = str(e.value)
+    assert "missing" in msg and "training/configs/fmnist_resnet18_smi.yaml" in msg
+    assert "smi-hub export" in msg
 
 
 def test_not_published_entries():
@@ -407,12 +411,8 @@ def test_hubconf_entries_cover_registry():
 
 
 def test_torch_hub_local(folder, server):
-    if REGISTRY["smi_resnet18_fmnist"].available:
-        model = torch.hub.load(str(REPO), "smi_default", source="local")
-        assert model.arch == "resnet18"
-    else:
-        with pytest.raises(WeightsNotPublishedError):
-            torch.hub.load(str(REPO), "smi_default", source="local")
+    model = torch.hub.load(str(REPO), "smi_default", source="local")
+    assert same_weights(model, smi_hub.load())
     blank = torch.hub.load(str(REPO), "smi_resnet50", source="local", pretrained=False)
     assert blank.arch == "resnet50"
     with pytest.raises(WeightsNotPublishedError):
