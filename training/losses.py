@@ -40,10 +40,15 @@ def check_embeddings(z_a: torch.Tensor, z_b: torch.Tensor) -> None:
         )
 
 
+def off_diagonal_view(m: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal entries of a square n x n matrix as an (n - 1) x n view (no copy)."""
+    n = m.shape[0]
+    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:]
+
+
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
     """The off-diagonal entries of a square matrix, flattened."""
-    n = m.shape[0]
-    return m.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+    return off_diagonal_view(m).flatten()
 
 
 # --- SMI forward + backward without N x D intermediates --------------------------------------
@@ -80,9 +85,7 @@ def _gaussian_mi(r: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _smi_from_m(m: torch.Tensor, lambda_offdiag: float, diag_weight: float) -> torch.Tensor:
     """``-diag_weight * mean(diag M) + lambda_offdiag * mean(offdiag M)`` (step 4 of SMILoss)."""
-    n = m.shape[0]
-    offdiag = m.flatten()[:-1].view(n - 1, n + 1)[:, 1:]  # a view: off_diagonal without a copy
-    return -diag_weight * m.diagonal().mean() + lambda_offdiag * offdiag.mean()
+    return -diag_weight * m.diagonal().mean() + lambda_offdiag * off_diagonal_view(m).mean()
 
 
 class _SMIFunction(torch.autograd.Function):
@@ -102,7 +105,7 @@ class _SMIFunction(torch.autograd.Function):
         inv_a, inv_b = torch.rsqrt(var_a + std_eps), torch.rsqrt(var_b + std_eps)
         # R = a_std @ b_std.T / D, a standardized one block of rows at a time. The full b_std
         # lives only here, before the N x D gradients exist, so it does not raise the peak.
-        b_std = (z_b - mean_b[:, None]).mul_(inv_b[:, None])
+        b_std = _standardized(z_b, mean_b, inv_b, slice(None))
         r = z_a.new_empty(n, n)
         for rows in _row_blocks(n, d, z_a.element_size()):
             torch.mm(_standardized(z_a, mean_a, inv_a, rows), b_std.T, out=r[rows])
