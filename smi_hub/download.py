@@ -42,12 +42,14 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "smi_hub"
 
 
+def env_flag(var: str) -> bool:
+    """True when the environment variable ``var`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def is_offline() -> bool:
     """True when ``SMI_HUB_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
-    return any(
-        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-        for var in ("SMI_HUB_OFFLINE", "HF_HUB_OFFLINE")
-    )
+    return env_flag("SMI_HUB_OFFLINE") or env_flag("HF_HUB_OFFLINE")
 
 
 def is_url(value: object) -> bool:

@@ -206,8 +206,9 @@ def _hf_offline() -> bool:
     """True when huggingface_hub runs in offline mode (``HF_HUB_OFFLINE``)."""
     from huggingface_hub import constants
 
-    value = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or value in ("1", "true", "yes", "on")
+    from smi_hub.download import env_flag
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or env_flag("HF_HUB_OFFLINE")
 
 
 def resolve_hf_folder(
