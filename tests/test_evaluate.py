@@ -45,6 +45,72 @@ def test_knn_weighting_and_chance_level():
     assert 18 < chance < 32
 
 
+def naive_knn_votes(x_tr, y_tr, q, k, temperature, classes) -> np.ndarray:
+    """Weighted k-NN votes of one query, in float64 with plain Python loops."""
+    x_tr, q = np.asarray(x_tr, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    sims = []
+    for i, row in enumerate(x_tr):
+        cos = float(row @ q) / (np.linalg.norm(row) * np.linalg.norm(q))
+        sims.append((cos, i))
+    sims.sort(reverse=True)
+    votes = np.zeros(classes)
+    for cos, i in sims[:k]:
+        votes[int(y_tr[i])] += np.exp(cos / temperature)
+    return votes
+
+
+@pytest.mark.parametrize("temperature", [0.02, 0.07, 0.5, 3.0])
+def test_knn_predictions_match_a_naive_loop(temperature):
+    g = torch.Generator().manual_seed(1)
+    classes, k = 4, 9
+    centers = torch.randn(classes, 8, generator=g)
+    y_tr = torch.randint(0, classes, (120,), generator=g)
+    x_tr = centers[y_tr] + 1.5 * torch.randn(120, 8, generator=g)
+    x_te = torch.randn(40, 8, generator=g) + 0.5 * centers[torch.randint(0, classes, (40,))]
+    for q in x_te:
+        votes = naive_knn_votes(x_tr.numpy(), y_tr.numpy(), q.numpy(), k, temperature, classes)
+        expected = int(np.argmax(votes))
+        # which class knn_classify predicts: the one labelling the query that scores 100 % top-1
+        got = [
+            c
+            for c in range(classes)
+            if knn_classify(x_tr, y_tr, q[None], torch.tensor([c]), k, temperature)["top1"] == 100
+        ]
+        assert got == [expected]
+
+
+def test_knn_temperature_changes_the_decision():
+    # one near neighbour of class 0 against three farther ones of class 1: a sharp temperature
+    # follows the nearest neighbour, a flat one counts votes
+    x_tr = torch.tensor([[1.0, 0.02], [0.9, 0.44], [0.9, -0.44], [0.85, 0.5]])
+    y_tr = torch.tensor([0, 1, 1, 1])
+    q, y0 = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    for t in (0.01, 0.05):
+        assert np.argmax(naive_knn_votes(x_tr, y_tr, q[0], 4, t, 2)) == 0
+        assert knn_classify(x_tr, y_tr, q, y0, k=4, temperature=t)["top1"] == 100.0
+    for t in (1.0, 10.0):
+        assert np.argmax(naive_knn_votes(x_tr, y_tr, q[0], 4, t, 2)) == 1
+        assert knn_classify(x_tr, y_tr, q, y0, k=4, temperature=t)["top1"] == 0.0
+
+
+def test_knn_top5_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(2)
+    classes, k = 10, 60
+    y_tr = torch.arange(200) % classes
+    x_tr = torch.randn(200, 6, generator=g)
+    x_te, y_te = torch.randn(50, 6, generator=g), torch.randint(0, classes, (50,), generator=g)
+    hits1 = hits5 = 0
+    for q, y in zip(x_te, y_te, strict=True):
+        votes = naive_knn_votes(x_tr, y_tr, q, k, 0.1, classes)
+        order = np.argsort(-votes)
+        hits1 += int(order[0] == y)
+        hits5 += int(y in order[:5])
+    m = knn_classify(x_tr, y_tr, x_te, y_te, k=k, temperature=0.1, chunk_size=7)
+    assert m["top1"] == pytest.approx(100 * hits1 / 50)
+    assert m["top5"] == pytest.approx(100 * hits5 / 50)
+    assert m["top1"] < m["top5"] < 100  # the data can tell the two apart
+
+
 def test_linear_probe_on_one_hot_label_features_is_perfect():
     x_tr, y_tr = one_hot_features(300, 10)
     x_te, y_te = one_hot_features(100, 10, seed=1)
@@ -99,7 +165,9 @@ def test_cli_random_init_knn_on_image_folder(tmp_path, image_folder):
     result = json.loads(out.read_text())
     assert result["protocol"] == "knn" and result["checkpoint"] == "random-init"
     assert result["settings"]["k"] == 5 and result["settings"]["train_images"] == 60
-    assert 33.0 < result["metrics"]["top1"] <= 100.0  # real images: above chance
+    # collapsed (constant) features score 33.3 on 3 balanced classes; real random-init
+    # features of these images score 88.3
+    assert result["metrics"]["top1"] > 70.0, result["metrics"]
     assert out.with_suffix(".md").read_text().startswith("## knn on imagefolder")
     cached = sorted(cache.glob("*.pt"))
     assert len(cached) == 2
@@ -178,4 +246,4 @@ def test_cli_hf_local_image_files(tmp_path, image_folder):
     assert evaluate.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["settings"]["train_images"] == 60 and result["settings"]["test_images"] == 60
-    assert result["metrics"]["top1"] > 33.0
+    assert result["metrics"]["top1"] > 70.0, result["metrics"]  # collapsed features: 33.3
