@@ -45,12 +45,14 @@ def _make_stage(
     return nn.Sequential(*layers)
 
 
-def build_projector(in_dim: int, dims: Sequence[int]) -> nn.Sequential:
-    """Barlow Twins-style projector: (Linear-BN-ReLU) x (len(dims) - 1), then a last Linear."""
+def build_projector(in_dim: int, dims: Sequence[int], hidden_bias: bool = False) -> nn.Sequential:
+    """Barlow Twins-style projector: (Linear-BN-ReLU) x (len(dims) - 1), then a last Linear
+    without bias. ``hidden_bias``: the hidden Linears have a bias (VICReg's projector)."""
     layers: list[nn.Module] = []
     prev = in_dim
     for width in dims[:-1]:
-        layers += [nn.Linear(prev, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        linear = nn.Linear(prev, width, bias=hidden_bias)
+        layers += [linear, nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
         prev = width
     layers.append(nn.Linear(prev, dims[-1], bias=False))
     return nn.Sequential(*layers)
@@ -75,6 +77,11 @@ class SMIModel(
             whose ``forward`` then returns the pooled backbone features.
         image_size: input resolution the weights were trained at (metadata for transforms).
         mean, std: per-channel normalization the weights expect (metadata for transforms).
+        zero_init_residual: initialize the last BatchNorm weight of each residual block to 0,
+            so each block starts as the identity (torchvision's option; the Barlow Twins and
+            VICReg references pretrain with it). Initialization only: not part of ``config``.
+        projector_bias: the projector's hidden Linear layers have biases (VICReg's
+            projector; Barlow Twins' has none). In ``config`` only when true.
     """
 
     def __init__(
@@ -86,6 +93,8 @@ class SMIModel(
         image_size: int = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        zero_init_residual: bool = False,
+        projector_bias: bool = False,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -101,6 +110,7 @@ class SMIModel(
         self.image_size = int(image_size)
         self.mean = [float(m) for m in mean]
         self.std = [float(s) for s in std]
+        self.projector_bias = bool(projector_bias)
 
         block, blocks = ARCHS[arch]
         w = self.base_width
@@ -121,23 +131,32 @@ class SMIModel(
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = inplanes
         self.projector = (
-            build_projector(self.num_features, self.projector_dims) if self.projector_dims else None
+            build_projector(self.num_features, self.projector_dims, self.projector_bias)
+            if self.projector_dims
+            else None
         )
-        self._init_weights()
+        self._init_weights(zero_init_residual)
 
-    def _init_weights(self) -> None:
-        """torchvision's ResNet initialization (Kaiming fan-out convs, BN weight 1 bias 0)."""
+    def _init_weights(self, zero_init_residual: bool = False) -> None:
+        """torchvision's ResNet initialization (Kaiming fan-out convs, BN weight 1 bias 0;
+        with ``zero_init_residual`` the last BN of each residual block gets weight 0)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     @property
     def config(self) -> dict:
         """The constructor arguments; ``SMIModel(**model.config)`` rebuilds the architecture."""
-        return {
+        config = {
             "arch": self.arch,
             "base_width": self.base_width,
             "small_stem": self.small_stem,
@@ -146,6 +165,9 @@ class SMIModel(
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.projector_bias:  # absent when false: earlier configs stay valid and equal
+            config["projector_bias"] = True
+        return config
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:

@@ -180,11 +180,15 @@ REGISTRY: dict[str, ModelEntry] = {
                 name=f"{loss}_resnet50_imagenet",
                 description=f"{label} ResNet-50 on ImageNet-1k (paper-scale recipe)",
                 status="not published",
-                model_config=_IMAGENET_R50,
+                # VICReg's projector has hidden Linear biases (its recipe's model.projector_bias)
+                model_config={
+                    **_IMAGENET_R50,
+                    **({"projector_bias": True} if loss == "vicreg" else {}),
+                },
                 dataset="imagenet-1k",
                 loss=loss,
                 recipe=f"training/configs/imagenet_resnet50_{loss}.yaml",
-                epochs=300,
+                epochs=1000,
                 resize_ratio=256 / 224,
                 eval_args=(
                     " --dataset imagefolder --data-path /datasets/imagenet --test-split val"

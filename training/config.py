@@ -42,6 +42,8 @@ class ModelConfig:
     image_size: int = 224
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    zero_init_residual: bool = False
+    projector_bias: bool = False
 
 
 @dataclass
