@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smi_hub.errors import ChecksumError, DownloadError, UnsupportedFormatError, WeightsError
+from smi_hub.fileio import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 ARCH_KEYS = ("arch", "base_width", "small_stem", "projector_dims", "image_size", "mean", "std")
+# sane ranges of config.json fields, checked before anything is built: a ResNet-50 of width
+# 256 is 16x the usual 64 (about 400 M parameters); larger values are refused, not allocated
+MAX_BASE_WIDTH = 256
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
+MAX_NORM = 10.0  # |mean| and std, in units of the [0, 1] pixel range
+MAX_PROJECTOR_DIM, MAX_PROJECTOR_LAYERS = 65_536, 8
+MAX_NUM_CLASSES = 100_000
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -34,20 +44,6 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while block := f.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights_folder(
@@ -77,9 +73,12 @@ def save_weights_folder(
     keep_projector = with_projector and model.projector is not None
     state = model.state_dict() if keep_projector else model.backbone_state_dict()
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "smi_hub_format": str(FORMAT_VERSION)})
-    os.replace(tmp, out / WEIGHTS_NAME)
+    atomic_write(
+        out / WEIGHTS_NAME,
+        lambda tmp: save_file(
+            state, str(tmp), metadata={"format": "pt", "smi_hub_format": str(FORMAT_VERSION)}
+        ),
+    )
 
     config = dict(model.config)
     if not keep_projector:
@@ -95,9 +94,11 @@ def save_weights_folder(
             "results": results or {},
         }
     )
-    _atomic_write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     card = render_model_card(config, name=name or out.resolve().name)
-    _atomic_write_bytes(out / CARD_NAME, card.encode())
+    atomic_write_text(out / CARD_NAME, card)
+    # config.json last: it records the sha256 of the weights, so a folder interrupted between
+    # two files is refused on load (ChecksumError) instead of pairing old and new files
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -124,18 +125,149 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in ("arch",) if k not in config]
     if missing:
         raise WeightsError(f"{path} lacks the architecture keys {missing}; re-export the folder.")
+    validate_config(config, source=str(path))
     return config
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_int(config: dict[str, Any], key: str, lo: int, hi: int) -> str | None:
+    value = config[key]
+    if not _is_int(value) or not lo <= value <= hi:
+        return f"{key} = {value!r}: must be an integer from {lo} to {hi:,}"
+    return None
+
+
+def _check_channels(
+    config: dict[str, Any], key: str, lo: float, hi: float, open_lo: bool
+) -> str | None:
+    value = config[key]
+    ok = (
+        isinstance(value, list | tuple)
+        and len(value) == 3
+        and all(_is_number(v) and (lo < v if open_lo else lo <= v) and v <= hi for v in value)
+    )
+    if not ok:
+        low = f"> {lo}" if open_lo else f">= {lo}"
+        return (
+            f"{key} = {value!r}: must be 3 finite numbers (one per RGB channel), each {low} "
+            f"and <= {hi}"
+        )
+    return None
+
+
+def _check_config_fields(config: dict[str, Any]) -> list[str]:
+    from smi_hub.models import ARCHS
+
+    problems: list[str | None] = []
+    if "arch" in config and not (isinstance(config["arch"], str) and config["arch"] in ARCHS):
+        problems.append(f"arch = {config['arch']!r}: must be one of {sorted(ARCHS)}")
+    if "base_width" in config:
+        problems.append(_check_int(config, "base_width", 1, MAX_BASE_WIDTH))
+    if "small_stem" in config and not isinstance(config["small_stem"], bool):
+        problems.append(f"small_stem = {config['small_stem']!r}: must be true or false")
+    if "image_size" in config:
+        problems.append(_check_int(config, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE))
+    if "mean" in config:
+        problems.append(_check_channels(config, "mean", -MAX_NORM, MAX_NORM, open_lo=False))
+    if "std" in config:
+        problems.append(_check_channels(config, "std", 0.0, MAX_NORM, open_lo=True))
+    if "projector_dims" in config:
+        dims = config["projector_dims"]
+        if (
+            not isinstance(dims, list | tuple)
+            or len(dims) > MAX_PROJECTOR_LAYERS
+            or not all(_is_int(d) and 1 <= d <= MAX_PROJECTOR_DIM for d in dims)
+        ):
+            problems.append(
+                f"projector_dims = {dims!r}: must be a list of at most {MAX_PROJECTOR_LAYERS} "
+                f"integers from 1 to {MAX_PROJECTOR_DIM:,} (empty: no projector)"
+            )
+    if config.get("num_classes") is not None:
+        problems.append(_check_int(config, "num_classes", 0, MAX_NUM_CLASSES))
+    names = config.get("class_names")
+    if names is not None and not (
+        isinstance(names, list | tuple)
+        and len(names) <= MAX_NUM_CLASSES
+        and all(isinstance(n, str) for n in names)
+    ):
+        problems.append(
+            f"class_names = {str(names)[:80]}: must be a list of at most {MAX_NUM_CLASSES:,} "
+            "strings"
+        )
+    sha = config.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        problems.append(f"weights_sha256 = {sha!r}: must be 64 lowercase hex digits")
+    return [p for p in problems if p]
+
+
+def validate_config(config: dict[str, Any], source: str = "config.json") -> None:
+    """Check the architecture fields of a weights config against sane ranges before anything
+    is built (a hostile ``base_width`` would otherwise allocate terabytes).
+
+    Raises ``WeightsError`` naming each bad field, its value and the allowed range.
+    """
+    problems = _check_config_fields(config)
+    if problems:
+        raise WeightsError(
+            f"{source} has invalid values: " + "; ".join(problems) + ". Fix these fields or "
+            "re-export the weights folder (smi-hub export / SMIModel.save_pretrained)."
+        )
+
+
 def build_model_from_config(config: dict[str, Any]) -> torch.nn.Module:
-    """An untrained ``SMIModel`` with the architecture described by ``config``."""
+    """An untrained ``SMIModel`` with the architecture described by ``config`` (validated
+    first, see :func:`validate_config`)."""
     from smi_hub.models import SMIModel
 
+    validate_config(config)
     kwargs = {k: config[k] for k in ARCH_KEYS if k in config}
     try:
         return SMIModel(**kwargs)
     except (TypeError, ValueError) as e:
         raise WeightsError(f"config.json describes an invalid architecture: {e}") from e
+
+
+class UnverifiedWeightsWarning(UserWarning):
+    """A weights folder was loaded without a sha256 to check its weights file against."""
+
+
+def check_tensors(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str
+) -> None:
+    """Refuse tensors whose dtype kind differs from the model's (an int8 tensor where a float
+    weight is expected would be cast silently) and warn about non-finite values."""
+    wrong = [
+        f"{k}: {state[k].dtype} (expected {expected[k].dtype})"
+        for k in sorted(set(state) & set(expected))
+        if state[k].is_floating_point() != expected[k].is_floating_point()
+    ]
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else "")
+        raise WeightsError(
+            f"{source} holds tensors of the wrong dtype: {shown}. Weights must be floating "
+            "point (quantized or integer files are not supported); re-export them from a "
+            "checkpoint."
+        )
+    bad = [
+        k
+        for k in sorted(state)
+        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        warnings.warn(
+            f"{source} holds NaN or infinite values in {len(bad)} tensor(s): {shown}. The "
+            "model will produce NaN features; the weights are probably from a diverged run.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def load_weights_folder(
@@ -161,7 +293,15 @@ def load_weights_folder(
             "pickled .pt/.bin files are not loaded (they can run arbitrary code)."
         )
     want = expected_sha256 or config.get("weights_sha256")
-    if want:
+    if not want:
+        warnings.warn(
+            f"{folder / CONFIG_NAME} records no weights_sha256, so {weights} cannot be "
+            "verified (corruption or tampering would go unnoticed). Re-export the folder "
+            "(smi-hub export / SMIModel.save_pretrained always record it) or pass sha256=.",
+            UnverifiedWeightsWarning,
+            stacklevel=2,
+        )
+    else:
         got = sha256_file(weights)
         if got != want:
             raise ChecksumError(
@@ -176,6 +316,7 @@ def load_weights_folder(
             "corrupt. Download or export it again."
         ) from e
     model = build_model_from_config(config)
+    check_tensors(state, model.state_dict(), source=str(weights))
     load_state_dict_strict(model, state)
     model.pretrained_cfg = config
     if device is not None:
