@@ -14,6 +14,7 @@ from smi_hub.errors import (
     WeightsError,
     WeightsNotPublishedError,
 )
+from smi_hub.feature_store import FeatureStore, FeatureStoreError
 from smi_hub.features import FeatureResult, extract_features
 from smi_hub.gallery import default_gallery
 from smi_hub.hub import load
@@ -33,6 +34,8 @@ __all__ = [
     "DownloadError",
     "EmbeddingIndex",
     "FeatureResult",
+    "FeatureStore",
+    "FeatureStoreError",
     "ImageLoadError",
     "SMIHubError",
     "SMIModel",

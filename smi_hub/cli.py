@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="metadata of a registered model")
     p.add_argument("name")
 
-    p = sub.add_parser("extract", help="features of a folder of images -> safetensors + json")
-    p.add_argument("input", help="folder of images or one image")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    p = sub.add_parser("extract", help="features of many images -> a sharded feature store")
+    p.add_argument(
+        "input",
+        help="folder of images, one image, a list file (.txt, one path per line) or a dataset "
+        "folder written by datasets' save_to_disk",
+    )
+    p.add_argument("-o", "--out", required=True, help="feature store folder (replaced as a whole)")
     _model_arg(p)
     p.add_argument(
         "--layer",
@@ -53,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector"],
     )
     _run_args(p)
-    p.add_argument("--npy", action="store_true", help="also write features.npy")
+    p.add_argument("--shard-size", type=int, default=65536, help="inputs per shard")
+    p.add_argument("--split", default=None, help="split of a DatasetDict input (e.g. train)")
+    p.add_argument("--npy", action="store_true", help="also write features.npy into the store")
 
     p = sub.add_parser("index", help="build a nearest-neighbour index of a folder of images")
     p.add_argument("folder")
@@ -119,42 +127,83 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract_input(path: str, split: str | None) -> Any:
+    """The ``extract`` input: a dataset folder (``save_to_disk``) is loaded, a DatasetDict
+    split chosen; anything else goes to ``extract_features`` as a path."""
+    folder = Path(path)
+    if not any((folder / f).is_file() for f in ("dataset_dict.json", "state.json")):
+        if split is not None:
+            raise SMIHubError(f"--split is for dataset folders; {path} is not one.")
+        return path
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if split is None:
+        return ds  # a DatasetDict is refused by extract_features, naming its splits
+    if not isinstance(ds, datasets.DatasetDict) or split not in ds:
+        splits = sorted(ds) if isinstance(ds, datasets.DatasetDict) else "none (one dataset)"
+        raise SMIHubError(f"{path} has no split {split!r}; its splits: {splits}.")
+    return ds[split]
+
+
+@contextlib.contextmanager
+def _torchrun(device: str | None) -> Iterator[str | None]:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, else gloo),
+    one GPU per local rank; yields the device to use."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield device
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = device is not None and device.startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=12))
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    import os
 
     from smi_hub.features import extract_features
-    from smi_hub.hub import load
+    from smi_hub.registry import DEFAULT_MODEL
 
-    model = load(args.model, device=args.device)
-    result = extract_features(
-        model,
-        args.input,
-        layer=args.layer,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        channels_last=args.channels_last,
-        amp_dtype=_amp(args),
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({"features": result.features.contiguous()}, str(out / "features.safetensors"))
-    meta = {
-        "model": args.model or "smi_resnet18_fmnist",
-        "layer": args.layer,
-        "shape": list(result.features.shape),
-        "paths": [str(p) for p in result.paths],
-        "failed": [{"path": p, "reason": r} for p, r in result.failed],
-    }
-    (out / "paths.json").write_text(json.dumps(meta, indent=1) + "\n")
-    if args.npy:
-        import numpy as np
-
-        np.save(out / "features.npy", result.features.numpy())
+    data = _extract_input(args.input, args.split)
+    rank = int(os.environ.get("RANK", "0"))
+    with _torchrun(args.device) as device:
+        store = extract_features(
+            args.model or DEFAULT_MODEL,
+            data,
+            layer=args.layer,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=device,
+            channels_last=args.channels_last,
+            amp_dtype=_amp(args),
+            progress=rank == 0,
+            out=args.out,
+            shard_size=args.shard_size,
+            npy=args.npy,
+        )
+    if rank != 0:
+        return 0
+    skipped = f"; {len(store.failed)} unreadable input(s) skipped" if store.failed else ""
     print(
-        f"{len(result)} feature rows {tuple(result.features.shape)} -> {out}"
-        + (f"; {len(result.failed)} unreadable file(s) skipped" if result.failed else "")
+        f"{len(store)} feature rows {tuple(store.row_shape)} in {store.num_shards} shard(s) "
+        f"-> {args.out}{skipped}"
     )
+    if len(store) == 0:
+        print(f"smi-hub extract: error: no input could be read ({skipped[2:]}).", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from smi_hub.errors import ImageLoadError
+from smi_hub.feature_store import DEFAULT_SHARD_SIZE
 from smi_hub.images import list_images, load_image, to_rgb
 
 LAYERS = ("pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector")
+_IMAGE_KEYS = ("image", "img", "pixel_values")
 
 
 @dataclass
@@ -61,6 +65,54 @@ class _Files(Dataset):
             return None, i, None, f"{self.paths[i]}: {type(e).__name__}: {e}"
 
 
+def _array_to_pil(image: Any) -> Any:
+    """uint8 H x W (x C) or C x H x W arrays/tensors (e.g. ``with_format("torch")`` image
+    columns) -> PIL, so they get the model's preprocessing instead of passing through raw."""
+    import numpy as np
+
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:
+            return image
+        image = image.numpy()
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        return image
+    if image.ndim == 3 and image.shape[-1] not in (1, 3, 4) and image.shape[0] in (1, 3):
+        image = image.transpose(1, 2, 0)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    return Image.fromarray(np.ascontiguousarray(image))
+
+
+def _sample(
+    item: Any, i: int, transform: Callable, image_key: str | None
+) -> tuple[torch.Tensor | None, int, int | None, str | None]:
+    """One dataset item -> (tensor | None, index, label, error message)."""
+    try:
+        label = None
+        if isinstance(item, dict):
+            key = image_key or next((k for k in _IMAGE_KEYS if k in item), None)
+            if key is None:
+                raise KeyError(f"no image column among {sorted(item)}")
+            image, label = item[key], item.get("label")
+        elif isinstance(item, tuple | list):
+            image = item[0]
+            label = item[1] if len(item) > 1 else None
+        else:
+            image = item
+        if isinstance(image, str | os.PathLike):
+            image = load_image(image)
+        image = _array_to_pil(image)
+        if isinstance(image, Image.Image):
+            image = transform(to_rgb(image))
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"sample {i} is a {type(image).__name__}, not an image/tensor")
+        if isinstance(label, torch.Tensor) and label.numel() == 1:
+            label = int(label.item())
+        return image, i, label if isinstance(label, int) else None, None
+    except Exception as e:
+        return None, i, None, f"sample {i}: {type(e).__name__}: {e}"
+
+
 class _Wrapped(Dataset):
     """A torch / Hugging Face dataset -> (tensor | None, index, label, error message)."""
 
@@ -75,26 +127,9 @@ class _Wrapped(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, int | None, str | None]:
         try:
             item = self.base[i]
-            label = None
-            if self.image_key is not None:
-                image = item[self.image_key]
-                label = item.get("label") if isinstance(item, dict) else None
-            elif isinstance(item, tuple | list):
-                image = item[0]
-                label = item[1] if len(item) > 1 else None
-            else:
-                image = item
-            if isinstance(image, str | os.PathLike):
-                image = load_image(image)
-            if isinstance(image, Image.Image):
-                image = self.transform(to_rgb(image))
-            if not isinstance(image, torch.Tensor):
-                raise TypeError(f"sample {i} is a {type(image).__name__}, not an image/tensor")
-            if isinstance(label, torch.Tensor):
-                label = int(label.item())
-            return image, i, label if isinstance(label, int) else None, None
         except Exception as e:
             return None, i, None, f"sample {i}: {type(e).__name__}: {e}"
+        return _sample(item, i, self.transform, self.image_key)
 
 
 def _collate(batch: list) -> tuple[torch.Tensor | None, list[int], list, list[tuple[int, str]]]:
@@ -104,22 +139,193 @@ def _collate(batch: list) -> tuple[torch.Tensor | None, list[int], list, list[tu
     return x, [b[1] for b in ok], [b[2] for b in ok], bad
 
 
-def _hf_image_key(ds: Any) -> str:
+def _hf_image_key(ds: Any) -> str | None:
+    """The image column of a Hugging Face dataset (None: decide per row, for streams)."""
     features = getattr(ds, "features", None) or {}
     for key, feat in features.items():
         if type(feat).__name__ == "Image":
             return key
-    for key in ("image", "img", "pixel_values"):
-        if key in getattr(ds, "column_names", []):
+    columns = getattr(ds, "column_names", None)
+    if columns is None:
+        return None
+    for key in _IMAGE_KEYS:
+        if key in columns:
             return key
     raise ValueError(
-        f"No image column in this Hugging Face dataset (columns: {ds.column_names}); "
+        f"No image column in this Hugging Face dataset (columns: {columns}); "
         "cast one with ds.cast_column(name, datasets.Image())."
     )
 
 
-def _is_hf_dataset(obj: Any) -> bool:
-    return type(obj).__module__.startswith("datasets.") and hasattr(obj, "column_names")
+def _is_hf(obj: Any, *names: str) -> bool:
+    return type(obj).__module__.startswith("datasets.") and type(obj).__name__ in names
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class _Source:
+    """Inputs, addressable by position: a tensor batch, a map-style dataset, or a stream.
+
+    ``n`` is the number of inputs (for a stream: known once it was iterated); ``ids`` the file
+    paths when the inputs are files (else rows are named by position); ``fingerprint`` what a
+    resumed run must match.
+    """
+
+    kind: str  # "tensor" | "dataset" | "stream"
+    data: Any
+    n: int | None
+    ids: list[str] | None
+    fingerprint: str
+    transform: Callable | None = None
+    image_key: str | None = None
+
+
+def _file_fingerprint(files: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        try:
+            st = os.stat(f)
+            digest.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{f}\t-\n".encode())
+    return "files:" + digest.hexdigest()
+
+
+def read_path_list(path: str | os.PathLike) -> list[str]:
+    """Paths in a list file, one per line (blank lines and ``#`` comments skipped); relative
+    paths are taken relative to the list file's folder."""
+    path = Path(path)
+    base = path.parent
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line)
+            out.append(str(p if p.is_absolute() else base / p))
+    return out
+
+
+def _source(data: Any, tfm: Callable) -> _Source:
+    """Classify ``images_or_dataset`` (see :func:`extract_features`)."""
+    if _is_hf(data, "DatasetDict", "IterableDatasetDict"):
+        raise ValueError(
+            f"This is a DatasetDict with splits {sorted(data)}; choose one: "
+            f"ds[{sorted(data)[0]!r}] (CLI: --split {sorted(data)[0]})."
+        )
+    if isinstance(data, torch.Tensor):
+        if data.ndim == 3:
+            data = data.unsqueeze(0)
+        if data.ndim != 4:
+            raise ValueError(f"A tensor input must be B x 3 x H x W, got {tuple(data.shape)}.")
+        data = data.contiguous()
+        digest = hashlib.sha256(data.cpu().numpy().tobytes()).hexdigest()
+        return _Source("tensor", data, len(data), None, f"tensor:{tuple(data.shape)}:{digest}")
+    if isinstance(data, str | os.PathLike):
+        path = Path(data)
+        if str(data) == "":
+            raise FileNotFoundError("The input path is empty; name a folder, image or list file.")
+        if path.is_dir():
+            files = [str(p) for p in list_images(path)]
+            if not files:
+                raise ValueError(f"{path} holds no image files ({', '.join(_exts())}).")
+        elif path.is_file() and path.suffix.lower() in (".txt", ".lst", ".list"):
+            files = read_path_list(path)
+            if not files:
+                raise ValueError(f"{path} lists no image paths (one path per line).")
+        elif path.is_file():
+            files = [str(path)]
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder of images.")
+        return _Source("dataset", _Files(files, tfm), len(files), files, _file_fingerprint(files))
+    if _is_hf(data, "Dataset"):
+        key = _hf_image_key(data)
+        fp = f"hf:{getattr(data, '_fingerprint', None)}:{len(data)}"
+        base = data.with_format(None) if data.format.get("type") else data
+        return _Source("dataset", _Wrapped(base, tfm, key), len(data), None, fp)
+    if _is_hf(data, "IterableDataset"):
+        key = _hf_image_key(data)
+        base = data.with_format(None) if getattr(data, "_formatting", None) else data
+        return _Source("stream", base, None, None, f"stream:{data!r}", tfm, key)
+    if isinstance(data, Dataset):
+        if not hasattr(data, "__len__"):
+            return _Source("stream", data, None, None, f"stream:{type(data).__name__}", tfm)
+        fp = f"dataset:{type(data).__name__}:{len(data)}"
+        return _Source("dataset", _Wrapped(data, tfm), len(data), None, fp)
+    if isinstance(data, Sequence) and all(isinstance(p, str | os.PathLike) for p in data):
+        files = [str(p) for p in data]
+        return _Source("dataset", _Files(files, tfm), len(files), files, _file_fingerprint(files))
+    if isinstance(data, Sequence) and all(isinstance(p, Image.Image) for p in data):
+        digest = hashlib.sha256()
+        for im in data:
+            digest.update(f"{im.mode}{im.size}".encode() + im.tobytes())
+        return _Source("dataset", _Wrapped(list(data), tfm), len(data), None, digest.hexdigest())
+    raise TypeError(
+        "images_or_dataset must be a folder, a path, a list file, a list of paths or PIL images, "
+        "a datasets.Dataset / IterableDataset, a torch Dataset or a tensor batch; got "
+        f"{type(data).__name__}."
+    )
+
+
+Batch = tuple[torch.Tensor | None, list[int], list, list[tuple[int, str]]]
+
+
+def _batches(
+    src: _Source,
+    block: int,
+    select: Callable[[int], bool],
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+) -> Iterator[tuple[int, Batch]]:
+    """``(k, batch)`` for the inputs of every selected block ``k`` (inputs
+    ``[k * block, (k + 1) * block)``), in order. Batches never cross a block boundary and start
+    at its first input, so a block's features do not depend on which blocks were selected."""
+    if src.kind == "stream":
+        yield from _stream_batches(src, block, select, batch_size)
+        return
+    assert src.n is not None
+    for k in range(-(-src.n // block)):
+        if not select(k):
+            continue
+        lo, hi = k * block, min((k + 1) * block, src.n)
+        if src.kind == "tensor":
+            for i in range(lo, hi, batch_size):
+                j = min(i + batch_size, hi)
+                yield k, (src.data[i:j], list(range(i, j)), [], [])
+            continue
+        loader = DataLoader(
+            Subset(src.data, range(lo, hi)),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=pin_memory,
+        )
+        for batch in loader:
+            yield k, batch
+
+
+def _stream_batches(
+    src: _Source, block: int, select: Callable[[int], bool], batch_size: int
+) -> Iterator[tuple[int, Batch]]:
+    buf: list = []
+    current = -1
+    n = 0
+    assert src.transform is not None
+    for i, item in enumerate(src.data):
+        n = i + 1
+        k = i // block
+        if buf and (k != current or len(buf) == batch_size):
+            yield current, _collate(buf)
+            buf = []
+        current = k
+        if select(k):
+            buf.append(_sample(item, i, src.transform, src.image_key))
+    if buf:
+        yield current, _collate(buf)
+    src.n = n
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -139,6 +345,28 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Tenso
     return model.forward_intermediates(x, layers=(layer,))[layer]
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes, sorted by name): the
+    weights identity recorded in a feature store."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _warn_failed(failed: Sequence[tuple[Any, str]]) -> None:
+    if failed:
+        shown = "; ".join(reason for _, reason in failed[:3])
+        more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
+        warnings.warn(
+            f"Skipped {len(failed)} unreadable input(s): {shown}{more}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def extract_features(
     model: torch.nn.Module | str,
     images_or_dataset: Any,
@@ -150,15 +378,20 @@ def extract_features(
     amp_dtype: torch.dtype | None = None,
     transform: Callable | None = None,
     progress: bool = True,
-) -> FeatureResult:
+    out: str | os.PathLike | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    npy: bool = False,
+) -> Any:
     """Features of many images with an ``SMIModel`` (or a name for :func:`smi_hub.load`).
 
     Args:
         model: an ``SMIModel`` or anything ``smi_hub.load`` accepts.
         images_or_dataset: a folder of images (searched recursively), one image path, a list
-            of paths or PIL images, a Hugging Face ``datasets.Dataset`` with an image column,
-            a torch ``Dataset`` yielding images / tensors (or ``(image, label)`` tuples), or a
-            preprocessed tensor batch B x 3 x H x W.
+            file (``.txt``: one path per line, relative to the file's folder), a list of paths
+            or PIL images, a Hugging Face ``datasets.Dataset`` (any ``with_format``) or
+            streaming ``IterableDataset`` with an image column (a ``DatasetDict``: pick a
+            split), a torch ``Dataset`` yielding images / tensors (or ``(image, label)``
+            tuples), or a preprocessed tensor batch B x 3 x H x W.
         layer: ``pooled`` (global average pooled backbone features), ``spatial`` (= ``layer4``
             map), ``layer1`` ... ``layer4`` (spatial maps), or ``projector`` (SMI embedding).
         batch_size, num_workers: DataLoader settings (workers decode and preprocess images).
@@ -167,13 +400,21 @@ def extract_features(
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``); features are returned as float32.
         transform: preprocessing of PIL images (default ``get_transforms(model)``).
         progress: show a progress bar.
+        out: write a sharded :class:`~smi_hub.FeatureStore` to this folder instead of keeping
+            features in memory (memory bounded by one shard), resuming a killed run with the
+            same arguments; under ``torch.distributed`` every rank computes its share of the
+            shards. Returns the opened store.
+        shard_size: inputs per shard (with ``out``).
+        npy: with ``out``, also write ``features.npy`` (all rows) into the store folder.
 
-    Unreadable files are skipped, listed in ``result.failed`` and reported with a warning.
+    Returns a :class:`FeatureResult` (``out=None``) or the :class:`~smi_hub.FeatureStore`.
+    Unreadable files are skipped, listed in ``failed`` and reported with a warning.
     """
     from smi_hub.transforms import get_transforms
 
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}.")
+    model_name = str(model) if isinstance(model, str | os.PathLike) else type(model).__name__
     if isinstance(model, str | os.PathLike):
         from smi_hub.hub import load
 
@@ -189,57 +430,38 @@ def extract_features(
     model.to(device)
     model.eval()
     tfm = transform or get_transforms(model)
+    src = _source(images_or_dataset, tfm)
 
-    data = images_or_dataset
-    ids: list[Any] | None = None
-    if isinstance(data, torch.Tensor):
-        if data.ndim == 3:
-            data = data.unsqueeze(0)
-        if data.ndim != 4:
-            raise ValueError(f"A tensor input must be B x 3 x H x W, got {tuple(data.shape)}.")
-        dataset: Dataset | None = None  # sliced directly below, no per-sample overhead
-    elif isinstance(data, str | os.PathLike):
-        path = Path(data)
-        if path.is_dir():
-            files = list_images(path)
-            if not files:
-                raise ValueError(f"{path} holds no image files ({', '.join(_exts())}).")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder of images.")
-        ids = [str(p) for p in files]
-        dataset = _Files(files, tfm)
-    elif _is_hf_dataset(data):
-        dataset = _Wrapped(data, tfm, image_key=_hf_image_key(data))
-    elif isinstance(data, Dataset):
-        dataset = _Wrapped(data, tfm)
-    elif isinstance(data, Sequence) and all(isinstance(p, str | os.PathLike) for p in data):
-        ids = [str(p) for p in data]
-        dataset = _Files(list(data), tfm)
-    elif isinstance(data, Sequence) and all(isinstance(p, Image.Image) for p in data):
-        dataset = _Wrapped(list(data), tfm)
-    else:
-        raise TypeError(
-            "images_or_dataset must be a folder, a path, a list of paths or PIL images, a "
-            f"datasets.Dataset, a torch Dataset or a tensor batch; got {type(data).__name__}."
-        )
+    writer = None
+    block = 1 << 62
+    select: Callable[[int], bool] = lambda k: True  # noqa: E731
+    if out is not None:
+        from smi_hub.feature_store import StoreWriter
 
-    if dataset is None:
-        loader: Any = (
-            (data[i : i + batch_size], list(range(i, min(i + batch_size, len(data)))), [], [])
-            for i in range(0, len(data), batch_size)
+        header = {
+            "model": model_name,
+            "weights_sha256": weights_digest(model),
+            "layer": layer,
+            "preprocessing": repr(tfm) if src.kind != "tensor" else "none (tensor input)",
+            "amp_dtype": str(amp_dtype) if amp_dtype is not None else None,
+            "channels_last": channels_last,
+        }
+        fingerprint = _sha256_text(
+            json.dumps(
+                {**header, "input": src.fingerprint, "shard_size": shard_size, "batch": batch_size},
+                sort_keys=True,
+            )
         )
-        total = (len(data) + batch_size - 1) // batch_size
-    else:
-        loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=device.type == "cuda",
-        )
-        total = len(loader)
+        writer = StoreWriter(out, fingerprint, header, shard_size)
+        writer.prepare()
+        block = shard_size
+        todo: dict[int, bool] = {}
+
+        def select(k: int) -> bool:
+            if k not in todo:
+                todo[k] = writer.owns(k) and not writer.done(k)
+            return todo[k]
+
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -250,35 +472,67 @@ def extract_features(
     )
     from tqdm.auto import tqdm
 
+    total = None
+    if src.n is not None:
+        n_blocks = -(-src.n // block)
+        total = sum(
+            -(-(min((k + 1) * block, src.n) - k * block) // batch_size)
+            for k in range(n_blocks)
+            if select(k)
+        )
+    show = progress and (writer is None or writer.rank == 0)
     chunks: list[torch.Tensor] = []
     rows: list[int] = []
     labels: list[Any] = []
-    failed: list[tuple[str, str]] = []
+    failed: list[tuple[Any, str]] = []
+    current = None
+
+    def name(i: int) -> Any:
+        return src.ids[i] if src.ids is not None else i
+
+    def flush() -> None:
+        assert writer is not None and current is not None
+        feats = torch.cat(chunks) if chunks else torch.empty(0)
+        writer.write_shard(
+            current, feats, list(rows), list(labels), [name(i) for i in rows], list(failed)
+        )
+        for buffer in (chunks, rows, labels, failed):
+            buffer.clear()
+
     try:
         with torch.inference_mode(), autocast:
-            for x, idx, lab, bad in tqdm(
-                loader, total=total, desc=f"features ({layer})", unit="batch", disable=not progress
+            batches = _batches(
+                src, block, select, batch_size, num_workers, pin_memory=device.type == "cuda"
+            )
+            for k, (x, idx, lab, bad) in tqdm(
+                batches, total=total, desc=f"features ({layer})", unit="batch", disable=not show
             ):
+                if writer is not None and current is not None and k != current:
+                    flush()
+                current = k
                 for i, reason in bad:
-                    failed.append((ids[i] if ids is not None else str(i), reason))
+                    failed.append((name(i), reason))
                 if x is None:
                     continue
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
-                out = _forward(model, x, layer)
-                chunks.append(out.float().contiguous().cpu())
+                chunks.append(_forward(model, x, layer).float().contiguous().cpu())
                 rows.extend(idx)
                 labels.extend(lab)
+            if writer is not None and current is not None:
+                flush()
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
-    if failed:
-        shown = "; ".join(reason for _, reason in failed[:3])
-        more = f" (+{len(failed) - 3} more)" if len(failed) > 3 else ""
-        warnings.warn(
-            f"Skipped {len(failed)} unreadable input(s): {shown}{more}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+
+    if writer is not None:
+        assert src.n is not None
+        if src.n == 0:
+            raise ValueError("The input holds no images.")
+        store = writer.finish(src.n, npy=npy)
+        if writer.rank == 0:
+            _warn_failed(store.failed)
+        return store
+    _warn_failed(failed)
     empty = torch.empty(0, getattr(model, "num_features", 0))
     features = torch.cat(chunks) if chunks else empty
     label_tensor = (
@@ -286,7 +540,7 @@ def extract_features(
         if labels and all(isinstance(v, int) for v in labels)
         else None
     )
-    paths = [ids[i] for i in rows] if ids is not None else rows
+    paths = [name(i) for i in rows]
     return FeatureResult(features=features, paths=paths, failed=failed, labels=label_tensor)
 
 

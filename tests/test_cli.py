@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import smi_hub
 from smi_hub import SMIModel
@@ -54,12 +53,12 @@ def test_extract(weights, gallery, tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match="unreadable"):
         code = main(["extract", str(gallery), "-o", str(out), "--model", str(weights), "--npy"])
     assert code == 0
-    feats = load_file(str(out / "features.safetensors"))["features"]
-    meta = json.loads((out / "paths.json").read_text())
-    assert feats.shape == (20, 32) and len(meta["paths"]) == 20
-    assert meta["failed"][0]["path"].endswith("broken.png")
+    store = smi_hub.FeatureStore.open(out)
+    feats = store.to_tensor()
+    assert feats.shape == (20, 32) and len(store.paths) == 20
+    assert store.failed[0][0].endswith("broken.png")
     assert np.allclose(np.load(out / "features.npy"), feats.numpy())
-    ref = smi_hub.extract_features(smi_hub.load(weights), meta["paths"], progress=False)
+    ref = smi_hub.extract_features(smi_hub.load(weights), store.paths, progress=False)
     assert torch.allclose(ref.features, feats, atol=1e-6)
     assert "1 unreadable" in capsys.readouterr().out
 
