@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import os
 import random
+from pathlib import Path
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -34,6 +38,43 @@ def test_checkpoints_are_atomic_kept_and_safe(tmp_path):
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["format"] == "smi-hub-checkpoint" and state["step"] == 40
     assert load_checkpoint(tmp_path)["model"]["w"].tolist() == [40.0, 40.0]
+
+
+def _crash_halfway_through_torch_save(monkeypatch):
+    """torch.save writes half of its bytes, then the process 'dies' (an exception)."""
+    real_save = torch.save
+
+    def half_then_crash(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        if hasattr(f, "write"):
+            f.write(data[: len(data) // 2])
+        else:
+            Path(f).write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", half_then_crash)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_crash_while_writing_leaves_every_checkpoint_readable(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # file systems without hard links: last.pt is a second atomic copy
+        monkeypatch.setattr(os, "link", Mock(side_effect=OSError("no hard links")))
+    save_checkpoint({"step": 10, "model": {"w": torch.full((64,), 10.0)}}, tmp_path)
+    with monkeypatch.context() as m:
+        _crash_halfway_through_torch_save(m)
+        for step in (20, 10):  # a new checkpoint, and one overwriting an existing name
+            with pytest.raises(KeyboardInterrupt):
+                save_checkpoint({"step": step, "model": {"w": torch.zeros(64)}}, tmp_path)
+    # a reader sees the old set: every checkpoint name holds a complete checkpoint
+    finals = [*list_checkpoints(tmp_path), tmp_path / "last.pt"]
+    assert [p.name for p in finals] == ["checkpoint_00000010.pt", "last.pt"]
+    for p in finals:
+        assert load_checkpoint(p)["model"]["w"].tolist() == [10.0] * 64
+    assert load_checkpoint(tmp_path)["step"] == 10
+    save_checkpoint({"step": 20, "model": {"w": torch.zeros(64)}}, tmp_path)  # recovers
+    assert load_checkpoint(tmp_path)["step"] == 20
 
 
 def test_load_checkpoint_rejects_foreign_and_unsafe_files(tmp_path):
@@ -78,8 +119,88 @@ def test_lars_trust_ratio_scales_the_update():
     opt.step()
     # update = lr * eta * ||p|| / ||g|| * g = 0.5 * 4 / 200 * 100 = 1
     assert torch.allclose(p.detach(), torch.full((4,), 1.0))
-    for name in ("sgd", "adamw"):
-        assert build_optimizer(torch.nn.Linear(2, 2), name, 0.1, 0.0) is not None
+
+
+def reference_lars(params, grads, groups, steps):
+    """LARS as in FAIR's Barlow Twins (main.py), element by element in float64: d = g + wd * p
+    (adapted groups), d *= eta * ||p|| / ||d|| when both norms are > 0, mu = m * mu + d,
+    p -= lr * mu. ``groups[i]`` = (lr, momentum, weight_decay, eta, lars) of params[i]."""
+    ps = [[float(v) for v in p.flatten()] for p in params]
+    mus = [[0.0] * len(p) for p in ps]
+    for t in range(steps):
+        for i, (lr, mom, wd, eta, adapt) in enumerate(groups):
+            g = [float(v) for v in grads[t][i].flatten()]
+            d = [gj + wd * pj for gj, pj in zip(g, ps[i], strict=True)] if adapt else g
+            if adapt:
+                pn = sum(v * v for v in ps[i]) ** 0.5
+                dn = sum(v * v for v in d) ** 0.5
+                q = eta * pn / dn if pn > 0 and dn > 0 else 1.0
+                d = [v * q for v in d]
+            mus[i] = [mom * m + dj for m, dj in zip(mus[i], d, strict=True)]
+            ps[i] = [pj - lr * m for pj, m in zip(ps[i], mus[i], strict=True)]
+    return [
+        torch.tensor(p, dtype=torch.float64).reshape(q.shape)
+        for p, q in zip(ps, params, strict=True)
+    ]
+
+
+def test_lars_with_momentum_and_weight_decay_matches_a_reference():
+    g = torch.Generator().manual_seed(0)
+    init = [
+        torch.randn(5, 3, generator=g, dtype=torch.float64),  # a weight: decayed and adapted
+        torch.zeros(4, 2, dtype=torch.float64),  # ||p|| = 0: trust ratio 1
+        torch.randn(3, generator=g, dtype=torch.float64),  # a bias: plain momentum SGD
+        torch.randn(6, generator=g, dtype=torch.float64),  # adapted, no decay: ||d|| = 0 below
+    ]
+    steps = 4
+    grads = [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in init]]
+    grads += [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in init]]
+    grads += [[torch.zeros_like(init[0]), *grads[0][1:3], torch.zeros_like(init[3])]]
+    grads += [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in init]]
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    opt = LARS(
+        [
+            {"params": params[:2], "lars": True},
+            {"params": params[2:3], "lars": False, "weight_decay": 0.0, "lr": 0.05},
+            {"params": params[3:], "lars": True, "weight_decay": 0.0},
+        ],
+        lr=0.3,
+        momentum=0.9,
+        weight_decay=0.2,
+        eta=0.02,
+    )
+    for t in range(steps):
+        for p, grad in zip(params, grads[t], strict=True):
+            p.grad = grad.clone()
+        opt.step()
+    hp = (0.9, 0.2, 0.02)
+    groups = [(0.3, *hp, True), (0.3, *hp, True), (0.05, 0.9, 0.0, 0.02, False)]
+    groups.append((0.3, 0.9, 0.0, 0.02, True))
+    expected = reference_lars(init, grads, groups, steps)
+    for p, e, p0 in zip(params, expected, init, strict=True):
+        assert not torch.equal(p.detach(), p0)
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+
+
+def test_build_optimizer_kinds_and_hyperparameters():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    sgd = build_optimizer(model, "sgd", 0.1, 1e-3, momentum=0.8)
+    assert type(sgd) is torch.optim.SGD
+    assert [(g["lr"], g["weight_decay"], g["momentum"]) for g in sgd.param_groups] == [
+        (0.1, 1e-3, 0.8),
+        (0.1, 0.0, 0.8),
+    ]
+    adamw = build_optimizer(model, "adamw", 0.01, 0.05, exclude_bias_bn=False)
+    assert type(adamw) is torch.optim.AdamW and len(adamw.param_groups) == 1
+    assert adamw.param_groups[0]["weight_decay"] == 0.05
+    lars = build_optimizer(model, "lars", 0.2, 1e-6, momentum=0.7, lars_eta=0.01)
+    assert type(lars) is LARS
+    assert [(g["momentum"], g["eta"], g["lars"]) for g in lars.param_groups] == [
+        (0.7, 0.01, True),
+        (0.7, 0.01, False),
+    ]
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        build_optimizer(model, "adagrad", 0.1, 0.0)
 
 
 def test_warmup_cosine_schedule_and_state():
