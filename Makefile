@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev data browser test test-fast quickstart lint
+.PHONY: install install-dev data gpu-data browser test test-fast quickstart lint
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,14 @@ install-dev: $(BIN)/python data
 data:
 	@test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || \
 	  ( $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist )
+
+# What a GPU machine without network needs beside the checkout (docs/benchmarks.md, GPU):
+# Fashion-MNIST and the commit id in data/ (ignored; send it with carry=["data"]).
+gpu-data: data
+	mkdir -p data/fashion-mnist
+	cp /usr/share/datasets/fashion-mnist/*-ubyte.gz data/fashion-mnist/
+	{ git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && \
+	  echo "uncommitted changes at $$(date -u +%FT%TZ)" || true; } > data/COMMIT
 
 browser:
 	@test -x /usr/bin/chromium || \

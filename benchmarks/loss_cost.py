@@ -127,12 +127,18 @@ def _call(fn, z_a: torch.Tensor, z_b: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def measure_times(n: int, d: int, losses: list[str], device: torch.device, seed: int) -> dict:
-    """Median forward+backward seconds of each objective, measured alternately."""
+def measure_times(
+    n: int, d: int, losses: list[str], device: torch.device, seed: int, max_reps: int = 3
+) -> dict:
+    """Median forward+backward seconds of each objective, measured alternately (``max_reps``
+    calls each; 2 when the warm-up call took over 2 s, 1 over 8 s)."""
     z_a, z_b = make_inputs(n, d, device, seed)
     fns = {name: build_loss(name, gather=False) for name in losses}
     warm = {name: _call(fns[name], z_a, z_b) for name in losses}  # warm-up, not recorded
-    reps = {name: 1 if warm[name] > 8 else 2 if warm[name] > 2 else 3 for name in losses}
+    reps = {
+        name: 1 if warm[name] > 8 else min(2, max_reps) if warm[name] > 2 else max_reps
+        for name in losses
+    }
     times: dict[str, list[float]] = {name: [] for name in losses}
     for rep in range(max(reps.values())):
         for name in losses if rep % 2 == 0 else losses[::-1]:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU suite in one command (docs/benchmarks.md, "GPU"), from the repository root:
+#
+#   bash benchmarks/gpu_suite.sh [OUT_DIR] [gpu_suite.py options, e.g. --steps loss_cost]
+#
+# Runs from the checkout with PYTHONPATH=. and no install (the GPU machine has torch,
+# torchvision, safetensors, huggingface_hub, PyYAML and tqdm but no network). OUT_DIR defaults
+# to $OUT, else gpu_results/; it receives results.json (rewritten after every measurement),
+# suite.log and the exported model folder: at most 7 files. Fashion-MNIST is read from
+# $SMI_FASHION_MNIST_DIR, else data/fashion-mnist/ (an ignored folder that travels with the
+# checkout: `make gpu-data` fills it), else Debian's /usr/share/datasets/fashion-mnist/.
+# The step budgets sum to 515 s; `timeout` stops everything at 590 s whatever happens.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+command="bash benchmarks/gpu_suite.sh $*"
+
+out_dir="${OUT:-gpu_results}"
+if [[ $# -gt 0 && "$1" != -* ]]; then
+  out_dir="$1"
+  shift
+fi
+mkdir -p "$out_dir"
+
+for dir in "${SMI_FASHION_MNIST_DIR:-}" data/fashion-mnist /usr/share/datasets/fashion-mnist; do
+  if [[ -n "$dir" && -f "$dir/train-images-idx3-ubyte.gz" ]]; then
+    export SMI_FASHION_MNIST_DIR="$(cd "$dir" && pwd)"
+    break
+  fi
+done
+if [[ ! -f "${SMI_FASHION_MNIST_DIR:-}/train-images-idx3-ubyte.gz" ]]; then
+  echo "gpu_suite.sh: Fashion-MNIST not found; run 'make gpu-data' before sending the" \
+    "checkout, or set SMI_FASHION_MNIST_DIR" >&2
+  exit 2
+fi
+
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export SMI_GPU_SUITE_COMMAND="$command"
+python="${PYTHON:-python3}"
+timeout -k 10 590 "$python" benchmarks/gpu_suite.py --out "$out_dir/results.json" \
+  --artifacts "$out_dir" "$@" 2>&1 | tee "$out_dir/suite.log"

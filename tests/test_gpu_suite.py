@@ -1,0 +1,232 @@
+"""benchmarks/gpu_suite.py: the CPU dry run (--quick) through the wrapper, step deadlines,
+and the helpers the GPU run depends on (budgets, calibration, weight parts, peaks)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from smi_hub.weights import load_weights_folder
+
+ROOT = Path(__file__).parents[1]
+
+
+def _load_suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gs = _load_suite()
+
+
+def _is_commit(rev: str) -> bool:
+    """``rev`` names a commit of this repository (HEAD itself may move: others commit)."""
+    r = subprocess.run(
+        ["git", "cat-file", "-t", rev], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    return len(rev) == 40 and r.stdout.strip() == "commit"
+
+
+def _in_git() -> bool:
+    return subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_quick_suite_through_the_wrapper(tmp_path):
+    """`bash benchmarks/gpu_suite.sh DIR --quick` as on the GPU machine, at tiny sizes."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    t0 = time.monotonic()
+    r = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", str(out), "--quick"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "GPU suite (quick, cpu)" in r.stdout
+    assert (out / "suite.log").read_text() == r.stdout  # the wrapper tees its output
+    data = json.loads((out / "results.json").read_text())
+    assert data["finished"] and data["mode"] == "quick"
+    assert list(data["steps"]) == list(gs.STEPS)
+    for name, rec in data["steps"].items():
+        assert rec["status"] == "ok", (name, rec.get("error"), rec.get("traceback"))
+        assert 0 < rec["elapsed_s"] < wall
+    assert sum(data["budgets_s"].values()) == sum(gs.QUICK_BUDGETS.values())
+
+    env_rec = data["steps"]["environment"]["result"]
+    assert env_rec["torch"] == torch.__version__
+    assert env_rec["command"] == f"bash benchmarks/gpu_suite.sh {out} --quick"
+    assert env_rec["env"]["SMI_FASHION_MNIST_DIR"]
+    if _in_git():
+        assert _is_commit(env_rec["git"]["commit"])
+    assert env_rec["peak"]["measured_matmul_flops"] > 0
+
+    train = data["steps"]["train_step"]["result"]
+    eager = [row for row in train["rows"] if not row["compiled"]]
+    assert [row["loss"] for row in eager] == list(gs.LOSSES)
+    cfg = gs.TRAIN["quick"]
+    for row in train["rows"]:
+        assert row["steps_timed"] == cfg["steps"]
+        assert row["step_ms_min"] <= row["step_ms_median"]
+        assert row["images_per_s"] == pytest.approx(
+            cfg["batch_size"] / (row["step_ms_median"] / 1e3), rel=0.01
+        )
+        # FLOPs of a training step: at least forward + backward (3x) of both views of a
+        # ResNet-18 at width 8 and 32 px (a few MFLOPs per image forward)
+        assert row["flops_per_step"] > 3 * 2 * cfg["batch_size"] * 1e6
+        rate = row["flops_per_step"] / (row["step_ms_median"] / 1e3)
+        assert row["achieved_tflops"] == pytest.approx(rate / 1e12, abs=0.01)
+        assert row["mfu_measured_matmul"] == pytest.approx(
+            rate / env_rec["peak"]["measured_matmul_flops"], abs=1e-3
+        )
+        assert row["mfu_datasheet"] is None  # no datasheet peak for a CPU
+    assert isinstance(train["compile"], str | dict)
+
+    loss = data["steps"]["loss_cost"]["result"]
+    grid = gs.LOSS_GRID["quick"]
+    assert sorted((c["n"], c["d"]) for c in loss["cases"]) == sorted(
+        (n, d) for n in grid["n"] for d in grid["d"]
+    )
+    for case in loss["cases"]:
+        smi = case["losses"]["smi"]["seconds"]
+        for row in case["losses"].values():
+            assert row["time_ratio_to_smi"] == row["seconds"] / smi
+    assert set(loss["crossover"]) == {str(d) for d in grid["d"]}
+
+    rows = data["steps"]["extraction"]["result"]["rows"]
+    assert len(rows) == 5 and "PNG files" in rows[-1]["variant"]
+    for row in rows:
+        ratio = row["extract_features_images_per_s"] / row["plain_images_per_s"]
+        assert row["ratio"] == pytest.approx(ratio, rel=0.01)
+
+    fm = data["steps"]["fmnist_training"]["result"]
+    assert fm["train"]["returncode"] == 0 and fm["train"]["steps_done"] == 3
+    assert "train.precision=bf16" in fm["train"]["command"]
+    comp = fm["comparison"]
+    assert comp["default_knn_top1"] == 85.3 and comp["comparable"] is False
+    assert 20 < comp["knn_top1"] <= 100  # chance is 10 %
+    assert comp["beats_default"] == (comp["knn_top1"] > 85.3)
+    folder = out / gs.EXPORT_NAME["quick"]
+    assert sorted(fm["export"]["files"]) == sorted(p.name for p in folder.iterdir())
+    model = load_weights_folder(folder)  # verifies the sha256 of the weights
+    assert model.base_width == 8
+    card = json.loads((folder / "config.json").read_text())
+    assert card["results"]["knn_top1"] == pytest.approx(comp["knn_top1"], abs=1e-3)
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8  # what $OUT sends back
+
+
+def test_soft_deadline_keeps_the_first_measurement(tmp_path):
+    """A spent budget stops the step between measurements: timed_out, results kept."""
+    out = tmp_path / "r.json"
+    rc = gs.main(["--quick", "--steps", "loss_cost", "--budget", "loss_cost=0", "--out", str(out)])
+    assert rc == 1
+    data = json.loads(out.read_text())
+    rec = data["steps"]["loss_cost"]
+    assert rec["status"] == "timed_out" and "between measurements" in rec["timeout"]
+    assert len(rec["result"]["cases"]) == 1 and data["finished"]
+    assert rec["result"]["crossover"]
+
+
+def _suite(tmp_path) -> "gs.Suite":
+    args = gs.build_parser().parse_args(["--quick", "--out", str(tmp_path / "r.json")])
+    args.device = "cpu"
+    return gs.Suite(args)
+
+
+def test_hard_deadline_interrupts_a_stuck_step(tmp_path):
+    suite = _suite(tmp_path)
+
+    def stuck(step):
+        step.result["partial"] = [1, 2]
+        step.save()
+        on_disk = json.loads(suite.path.read_text())["steps"]["stuck"]
+        assert on_disk == {"status": "running", "budget_s": 0.2, "result": {"partial": [1, 2]}}
+        time.sleep(30)
+
+    t0 = time.monotonic()
+    rec = gs.run_step(suite, "stuck", stuck, budget_s=0.2, grace_s=0.3)
+    assert time.monotonic() - t0 < 10
+    assert rec["status"] == "timed_out" and "interrupted" in rec["timeout"]
+    assert json.loads(suite.path.read_text())["steps"]["stuck"]["result"] == {"partial": [1, 2]}
+
+    def broken(step):
+        step.result["before"] = True
+        raise ValueError("bad shape")
+
+    rec = gs.run_step(suite, "broken", broken, budget_s=5, grace_s=1)
+    assert rec["status"] == "error" and rec["error"] == "ValueError: bad shape"
+    assert rec["result"] == {"before": True}
+    time.sleep(0.3)  # the alarm of the earlier step is cancelled: nothing fires now
+
+
+def test_budgets_scale_and_override():
+    parse = gs.build_parser().parse_args
+    assert sum(gs.budgets(parse(["--out", "x"])).values()) == sum(gs.BUDGETS.values()) <= 540
+    scaled = gs.budgets(parse(["--out", "x", "--budget-s", "103"]))
+    assert sum(scaled.values()) == pytest.approx(103)
+    assert scaled["fmnist_training"] == pytest.approx(gs.BUDGETS["fmnist_training"] / 5)
+    one = gs.budgets(parse(["--out", "x", "--steps", "loss_cost", "--budget", "loss_cost=7"]))
+    assert one == {"loss_cost": 7.0}
+    with pytest.raises(SystemExit, match="STEP=SECONDS"):
+        gs.budgets(parse(["--out", "x", "--budget", "nostep=3"]))
+
+
+def test_calibration_uses_the_last_two_epochs():
+    records = [
+        {"type": "event", "event": "start", "step": 0},
+        {"type": "train", "step": 10},
+        {"type": "epoch", "step": 30, "elapsed_s": 9.0},  # first epoch: warm-up, ignored
+        {"type": "epoch", "step": 60, "elapsed_s": 12.0},
+    ]
+    rate = gs._calibrate(records, wall_s=20.0)
+    assert rate == {"seconds_per_step": pytest.approx(0.1), "fixed_s": pytest.approx(8.0)}
+    with pytest.raises(RuntimeError, match="needs 2"):
+        gs._calibrate(records[:3], wall_s=20.0)
+
+
+def test_weights_are_cut_into_parts_that_reassemble(tmp_path, monkeypatch):
+    src = tmp_path / "model.safetensors"
+    payload = os.urandom(25)
+    src.write_bytes(payload)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(gs, "PART_BYTES", 10)
+    names = gs._split_copy(src, tmp_path / "out" / src.name)
+    assert names == [f"model.safetensors.part{i}" for i in range(3)]
+    assert b"".join((tmp_path / "out" / n).read_bytes() for n in names) == payload
+    monkeypatch.setattr(gs, "PART_BYTES", 25)
+    assert gs._split_copy(src, tmp_path / "whole.safetensors") == ["whole.safetensors"]
+
+
+def test_datasheet_peaks_by_device_name():
+    assert gs.datasheet_bf16("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert gs.datasheet_bf16("NVIDIA H100 PCIe") == 756.5e12
+    assert gs.datasheet_bf16("NVIDIA H200") == 989.4e12
+    assert gs.datasheet_bf16("NVIDIA GeForce RTX 4090") is None
+
+
+def test_git_revision_names_a_commit_of_the_checkout():
+    rev = gs.git_revision()
+    if _in_git():
+        assert rev["from"] == "git" and _is_commit(rev["commit"])
+        assert isinstance(rev["dirty"], bool)
+    else:
+        assert rev["from"] != "git"
+
+
+def test_environment_step_records_versions(tmp_path):
+    suite = _suite(tmp_path)
+    rec = gs.run_step(suite, "environment", gs.step_environment, budget_s=60, grace_s=5)
+    assert rec["status"] == "ok"
+    res = rec["result"]
+    assert res["torch"] == torch.__version__ and res["cpu_count"] == os.cpu_count()
+    assert res["peak"]["device_name"] and res["peak"]["datasheet_bf16_flops"] is None
+    assert "gpu" not in res  # a CPU run records no GPU
