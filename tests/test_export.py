@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import timm
 import torch
 import torchvision
 from safetensors.torch import load_file
@@ -96,7 +97,6 @@ def test_export_and_load_into_torchvision_and_timm(tmp_path, r18):
     tv = torchvision.models.resnet18()
     tv.fc = torch.nn.Identity()
     tv.load_state_dict(state, strict=True)
-    timm = pytest.importorskip("timm")
     tm = timm.create_model("resnet18", pretrained=False, num_classes=0)
     tm.load_state_dict(state, strict=True)
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -100,7 +101,6 @@ def test_torch_and_hf_datasets(model, fmnist_test):
     with torch.no_grad():
         assert torch.allclose(result.features, model.embed(batch), atol=1e-5)
 
-    datasets = pytest.importorskip("datasets")
     hf = datasets.Dataset.from_dict(
         {"img": [Image.fromarray(images[i]) for i in range(20)], "label": labels[:20].tolist()},
         features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")}),
