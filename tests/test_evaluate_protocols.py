@@ -1,0 +1,178 @@
+"""Evaluation protocols: the references' linear evaluation, transfer to scikit-learn's digits,
+semi-supervised label subsets, per-class reports and the model's own eval preprocessing.
+
+Smoke sizes on the embedded default model (``smi_resnet18_fmnist``): each CLI run takes a few
+seconds on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from smi_hub.models import SMIModel
+from training import evaluate
+
+DEFAULT = "smi_resnet18_fmnist"
+
+
+def _cli(capsys, argv: list[str]) -> tuple[dict, str]:
+    assert evaluate.main(argv) == 0
+    err = capsys.readouterr().err
+    out = argv[argv.index("--out") + 1]
+    return json.loads(open(out).read()), err
+
+
+@pytest.mark.parametrize("recipe,lr", [("barlow_twins", 0.3), ("vicreg", 0.02)])
+def test_reference_linear_protocol_on_the_embedded_default(tmp_path, capsys, recipe, lr):
+    out = tmp_path / "linear.json"
+    result, err = _cli(capsys, [
+        "linear", "--protocol", recipe, "--weights", DEFAULT, "--train-subset", "256",
+        "--test-subset", "128", "--epochs", "2", "--out", str(out),
+    ])  # fmt: skip
+    s = result["settings"]
+    assert result["protocol"] == "linear" and s["protocol"] == recipe
+    assert (s["lr"], s["weight_decay"], s["batch_size"]) == (lr, 1e-6, 256)
+    assert s["resize"] == 28  # the 28 px model's own preprocessing: no resize
+    m = result["metrics"]
+    assert set(m) == {"top1", "top5", "best_top1", "best_top5"}
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert m["top1"] == result["history"][-1]["top1"]
+    assert m["best_top1"] == max(h["top1"] for h in result["history"])
+    assert 0 <= m["top1"] <= m["top5"] <= 100
+    # cosine per epoch from the protocol's LR (the references' CosineAnnealingLR(epochs))
+    assert result["history"][0]["lr"] == pytest.approx(lr)
+    assert result["history"][1]["lr"] == pytest.approx(lr * 0.5)
+    assert len(result["per_class"]["top1"]) == 10
+    assert "linear (reference)" in err  # progress bar
+    if recipe == "barlow_twins":  # 2 steps at lr 0.3 on real features: far above chance (10)
+        assert m["top1"] > 40
+
+
+def test_reference_linear_keeps_the_backbone_frozen_in_eval_mode():
+    torch.manual_seed(0)
+    model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[],
+                     image_size=16)  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 16, 16, generator=g)
+    y = torch.arange(40) % 4
+    x[y == 1] += 1.5  # some signal so the head moves
+    data = torch.utils.data.TensorDataset(x, y)
+    res = evaluate.reference_linear(model, data, data, 4, lr=0.3, epochs=3, batch_size=16)
+    after = model.state_dict()
+    # weights and BatchNorm running statistics untouched (eval mode while training the head)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(res["history"]) == 3 and res["predictions"].shape == (40, 4)
+    assert [h["lr"] for h in res["history"]] == pytest.approx([0.3, 0.225, 0.075])
+
+
+def test_default_resize_comes_from_the_model_preprocessing(tmp_path):
+    small = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[],
+                     image_size=28)  # fmt: skip
+    big = SMIModel(arch="resnet18", base_width=4, projector_dims=[], image_size=224)
+    assert evaluate.default_resize_ratio(small) == 1.0
+    assert round(224 * evaluate.default_resize_ratio(big)) == 256  # Resize(256) -> Crop(224)
+    train_tf, test_tf = evaluate.reference_transforms(224, [0.5] * 3, [0.5] * 3, 256 / 224)
+    from PIL import Image
+
+    image = Image.new("RGB", (300, 400), (128, 64, 32))
+    assert test_tf(image).shape == (3, 224, 224) and train_tf(image).shape == (3, 224, 224)
+    assert test_tf.transforms[0].size == [256]
+    assert evaluate.build_parser().parse_args(["knn"]).resize_ratio is None
+
+
+def test_digits_source_is_a_fixed_stratified_split():
+    train, test = evaluate.DigitsDataset("train"), evaluate.DigitsDataset("test")
+    assert (len(train), len(test)) == (901, 896)
+    assert not set(train.indices) & set(test.indices)
+    from sklearn.datasets import load_digits
+
+    per_class = torch.bincount(torch.tensor(load_digits().target), minlength=10)
+    counts = torch.bincount(torch.tensor(train.targets), minlength=10)
+    assert counts.tolist() == ((per_class + 1) // 2).tolist()  # half of each class
+    image, label = train[0]
+    assert image.mode == "RGB" and image.size == (8, 8) and 0 <= label < 10
+    assert evaluate.DigitsDataset("train").indices == train.indices  # deterministic
+    raw = load_digits().images[train.indices[0]]
+    pixels = torch.tensor(np.asarray(image)[..., 0], dtype=torch.float64)
+    assert torch.allclose(pixels, torch.tensor(raw * 255 / 16).round(), atol=0.5)
+    with pytest.raises(Exception, match="splits train and test"):
+        evaluate.DigitsDataset("val")
+
+
+def test_transfer_to_digits_on_the_embedded_default(tmp_path, capsys):
+    out = tmp_path / "transfer.json"
+    result, err = _cli(capsys, [
+        "transfer", "--weights", DEFAULT, "--data", "digits", "--shots", "1", "5", "all",
+        "--seeds", "0", "1", "--epochs", "20", "--out", str(out),
+    ])  # fmt: skip
+    m = result["metrics"]
+    assert set(m) == {f"{k}shot_top1{s}" for k in ("1", "5", "all") for s in ("", "_std")}
+    assert len(result["runs"]["1"]) == 2 and len(result["runs"]["all"]) == 1
+    assert result["settings"]["resize"] == 28 and result["settings"]["test_images"] == 896
+    # real transfer: far above chance (10 %) on digits the model never saw
+    assert result["knn"]["top1"] > 60 and m["allshot_top1"] > 60
+    assert m["1shot_top1"] < m["allshot_top1"]
+    assert "low-shot" in err
+
+
+def test_per_class_report_matches_a_naive_count():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    pred = torch.where(torch.rand(200, generator=g) < 0.7, labels, torch.randint(0, 4, (200,)))
+    report = evaluate.per_class_report(pred[:, None], labels, 4, ["a", "b", "c", "d"])
+    for i in range(4):
+        for j in range(4):
+            naive = sum(
+                1 for t, p in zip(labels.tolist(), pred.tolist(), strict=True) if t == i and p == j
+            )
+            assert report["confusion"][i][j] == naive
+        n_i = int((labels == i).sum())
+        assert report["top1"][i] == pytest.approx(100 * report["confusion"][i][i] / n_i)
+    assert report["classes"] == ["a", "b", "c", "d"]
+
+
+def test_knn_and_fast_linear_write_per_class_results(tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    result, _ = _cli(capsys, [
+        "knn", "--weights", DEFAULT, "--train-subset", "2000", "--test-subset", "500",
+        "--out", str(out),
+    ])  # fmt: skip
+    pc = result["per_class"]
+    assert pc["classes"][0] == "T-shirt/top" and len(pc["confusion"]) == 10
+    assert sum(map(sum, pc["confusion"])) == 500
+    diag = sum(pc["confusion"][i][i] for i in range(10))
+    assert diag / 5 == pytest.approx(result["metrics"]["top1"])
+
+
+def test_balanced_subset_is_seeded_class_balanced_and_saved(tmp_path):
+    labels = [i % 10 for i in range(1000)] + [0] * 100  # class 0: 200 images, others 100
+    idx = evaluate.balanced_subset(labels, 0.1, seed=3)
+    counts = torch.bincount(torch.tensor([labels[i] for i in idx]), minlength=10)
+    assert counts.tolist() == [20] + [10] * 9 and idx == sorted(set(idx))
+    assert evaluate.balanced_subset(labels, 0.1, seed=3) == idx
+    assert evaluate.balanced_subset(labels, 0.1, seed=4) != idx
+    assert min(torch.bincount(torch.tensor(
+        [labels[i] for i in evaluate.balanced_subset(labels, 0.001, 0)]))) >= 1  # fmt: skip
+    path = evaluate.subset_file(tmp_path, "fashion_mnist", "train", 0.1, 3)
+    assert path.name == "fashion_mnist_train_0.1_seed3.txt"
+    assert evaluate.load_or_make_subset(path, labels, 0.1, 3) == idx
+    assert [int(x) for x in path.read_text().split()] == idx
+    path.write_text("1\n2\n")  # an existing file fixes the subset
+    assert evaluate.load_or_make_subset(path, labels, 0.1, 3) == [1, 2]
+    path.write_text("5000\n")
+    with pytest.raises(evaluate.EvalError, match="outside"):
+        evaluate.load_or_make_subset(path, labels, 0.1, 3)
+    with pytest.raises(evaluate.EvalError, match="fraction"):
+        evaluate.balanced_subset(labels, 0.0)
+
+
+def test_protocol_flag_errors(capsys):
+    assert evaluate.main(["knn", "--protocol", "vicreg", "--weights", DEFAULT]) == 2
+    assert "--protocol applies to linear and semisup" in capsys.readouterr().err
+    assert evaluate.main(["transfer", "--weights", DEFAULT, "--data", "mnist"]) == 2
+    assert "digits" in capsys.readouterr().err
