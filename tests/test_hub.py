@@ -15,6 +15,7 @@ import threading
 import zipfile
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -41,6 +42,8 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SMI_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SMI_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE into its constants at import: CI exports it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 def tiny(**kw) -> SMIModel:
@@ -543,8 +546,7 @@ def test_hf_http_client_connect_error_becomes_download_error(monkeypatch):
     from huggingface_hub import errors as hf_errors
 
     client = importlib.import_module(hf_errors.HTTPError.__module__.split(".")[0])
-    if not hasattr(client, "ConnectError"):
-        pytest.skip(f"{client.__name__} has no ConnectError")
+    assert hasattr(client, "ConnectError"), f"{client.__name__} has no ConnectError"
     _raising_snapshot_download(monkeypatch, client.ConnectError("[Errno 111] refused"))
     with pytest.raises(DownloadError, match=r"'smi-hub/missing'.*ConnectError"):
         smi_hub.load("smi-hub/missing")  # the same path smi_hub.load takes for repo ids
