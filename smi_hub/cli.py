@@ -1,4 +1,5 @@
-"""``smi-hub`` command line: list, info, extract, index, search, export, demo, quickstart."""
+"""``smi-hub`` command line: list, info, extract, index, search, export, predict, demo,
+quickstart."""
 
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-projector", action="store_true", help="keep projector.* tensors")
     p.add_argument("--name", help="model name for the model card (default: folder name)")
     p.add_argument("--results", nargs="+", default=[], help="extra evaluation result JSONs")
+
+    p = sub.add_parser("predict", help="top classes of images with a fine-tuned classifier")
+    p.add_argument("model", help="classifier weights folder (python -m training.finetune), repo id")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("-k", "--top", type=int, default=5, help="classes to print per image")
+    p.add_argument("--device", default=None)
 
     p = sub.add_parser("demo", help="start the Gradio demo (needs a source checkout)")
     _model_arg(p)
@@ -267,6 +274,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from smi_hub.hub import load
+    from smi_hub.images import load_image
+    from smi_hub.transforms import get_transforms
+
+    model = load(args.model, device=args.device)
+    if not model.num_classes:
+        raise SMIHubError(
+            f"{args.model} has no classifier head (num_classes is 0): it gives features, not "
+            "classes. Fine-tune it first: python -m training.finetune --model "
+            f"{args.model} --data SOURCE --out DIR, then smi-hub predict DIR IMAGE..."
+        )
+    transform = get_transforms(model)
+    device = next(model.parameters()).device
+    status = 0
+    for path in args.images:
+        try:
+            x = transform(load_image(path)).unsqueeze(0).to(device)
+        except (SMIHubError, OSError) as e:
+            print(f"{path}: skipped ({e})", file=sys.stderr)
+            status = 1
+            continue
+        with torch.no_grad():
+            probs = model(x).float().softmax(dim=1)[0]
+        top = probs.topk(min(args.top, model.num_classes))
+        print(path)
+        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            print(f"  {p:7.2%}  {model.class_names[i]}")
+    return status
+
+
 def demo_app_path() -> Path:
     """``demo/app.py`` of the source checkout this package was imported from."""
     import smi_hub
@@ -349,6 +389,7 @@ COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
     "export": cmd_export,
+    "predict": cmd_predict,
     "demo": cmd_demo,
     "quickstart": cmd_quickstart,
 }

@@ -342,7 +342,7 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, layer: str) -> torch.Tenso
         return model.forward_features(x)
     if layer == "projector":
         return model(x)
-    return model.forward_intermediates(x, layers=(layer,))[layer]
+    return model.forward_stages(x, layers=(layer,))[layer]
 
 
 def weights_digest(model: torch.nn.Module) -> str:

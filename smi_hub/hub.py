@@ -78,6 +78,7 @@ def load(
     sha256: str | None = None,
     arch: str | None = None,
     progress: bool = True,
+    num_classes: int | None = None,
 ) -> SMIModel:
     """Load an ``SMIModel`` in eval mode.
 
@@ -93,6 +94,9 @@ def load(
         sha256: expected sha256 of a URL's archive or of ``model.safetensors``.
         arch: if given, the loaded architecture must be this one (``resnet18`` ...).
         progress: show a download progress bar.
+        num_classes: give the model a freshly initialized ``num_classes``-way classifier head
+            on its (pretrained) features, as ``timm.create_model(..., num_classes=K)``; 0
+            removes a head. A head already of that size (a fine-tuned classifier) is kept.
 
     Raises:
         WeightsNotPublishedError: a registry entry without weights (the message says how to
@@ -128,6 +132,8 @@ def load(
             f"{text} holds a {model.arch} but a {arch} was requested; use the entry point for "
             f"{model.arch} or weights of a {arch}."
         )
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -30,6 +30,30 @@ ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int,
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
+def default_resize_ratio(image_size: int) -> float:
+    """Evaluation resize (short side = ``image_size * ratio``, then center crop): 1.0 keeps
+    small images (up to 64 px) whole, 256/224 is ImageNet's convention."""
+    return 1.0 if image_size <= 64 else 256 / 224
+
+
+def _take_indices(n: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's ``feature_take_indices``: None -> all, int k -> the last k, else these
+    (negative from the end); out-of-range values raise ``ValueError``."""
+    if indices is None:
+        indices = n
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: take the last 1 to {n} stages.")
+        return list(range(n - indices, n))
+    take = []
+    for i in indices:
+        j = n + i if i < 0 else i
+        if not 0 <= j < n:
+            raise ValueError(f"Stage index {i} is out of range for {n} stages ({list(STAGES)}).")
+        take.append(j)
+    return take
+
+
 def _make_stage(
     block: type[BasicBlock] | type[Bottleneck], inplanes: int, planes: int, blocks: int, stride: int
 ) -> nn.Sequential:
@@ -82,6 +106,10 @@ class SMIModel(
             VICReg references pretrain with it). Initialization only: not part of ``config``.
         projector_bias: the projector's hidden Linear layers have biases (VICReg's
             projector; Barlow Twins' has none). In ``config`` only when true.
+        num_classes: size of a linear classifier head ``fc`` on the pooled features (0: no
+            head). With a head, ``forward`` returns logits, as torchvision's and timm's ResNets.
+        class_names: one name per class (metadata for ``smi-hub predict``); default
+            ``class_0`` ... In ``config`` (with ``num_classes``) only when there is a head.
     """
 
     def __init__(
@@ -95,12 +123,16 @@ class SMIModel(
         std: Sequence[float] = IMAGENET_STD,
         zero_init_residual: bool = False,
         projector_bias: bool = False,
+        num_classes: int = 0,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"Unknown arch {arch!r}; choose one of {sorted(ARCHS)}.")
         if base_width < 1:
             raise ValueError(f"base_width must be a positive integer, got {base_width}.")
+        if int(num_classes) < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}.")
         if any(int(d) < 1 for d in projector_dims):
             raise ValueError(f"projector_dims must be positive widths, got {list(projector_dims)}.")
         self.arch = arch
@@ -135,7 +167,12 @@ class SMIModel(
             if self.projector_dims
             else None
         )
+        self.fc: nn.Linear | None = None
+        self.num_classes = 0
+        self.class_names: list[str] = []
+        self.reset_classifier(int(num_classes), class_names)
         self._init_weights(zero_init_residual)
+        self.weights_config: dict = {}  # config.json of the loaded weights (provenance)
 
     def _init_weights(self, zero_init_residual: bool = False) -> None:
         """torchvision's ResNet initialization (Kaiming fan-out convs, BN weight 1 bias 0;
@@ -167,7 +204,49 @@ class SMIModel(
         }
         if self.projector_bias:  # absent when false: earlier configs stay valid and equal
             config["projector_bias"] = True
+        if self.num_classes:  # likewise absent for backbone-only models
+            config["num_classes"] = self.num_classes
+            config["class_names"] = list(self.class_names)
         return config
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's ``pretrained_cfg`` schema, so ``timm.data.resolve_data_config({}, model=m)``
+        gives the same evaluation transform as ``smi_hub.get_transforms(m)``."""
+        cfg = {
+            "architecture": self.arch,
+            "input_size": (3, self.image_size, self.image_size),
+            "crop_pct": 1.0 / default_resize_ratio(self.image_size),
+            "crop_mode": "center",
+            "interpolation": "bicubic",
+            "mean": tuple(self.mean),
+            "std": tuple(self.std),
+            "num_classes": self.num_classes,
+            "first_conv": "conv1",
+            "classifier": "fc",
+            "license": "apache-2.0",
+        }
+        if self.class_names:
+            cfg["label_names"] = list(self.class_names)
+        if self.weights_config.get("weights_sha256"):
+            cfg["weights_sha256"] = self.weights_config["weights_sha256"]
+        return cfg
+
+    def reset_classifier(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        """Replace the classifier head by a freshly initialized ``num_classes``-way ``fc``
+        (0 removes it), as timm's ``reset_classifier``."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}.")
+        names = [str(c) for c in class_names] if class_names is not None else []
+        if names and len(names) != num_classes:
+            raise ValueError(f"{len(names)} class_names for num_classes={num_classes}.")
+        self.num_classes = int(num_classes)
+        self.class_names = names or [f"class_{i}" for i in range(self.num_classes)]
+        self.fc = nn.Linear(self.num_features, self.num_classes) if self.num_classes else None
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (``nn.Identity`` when there is none), as timm."""
+        return self.fc if self.fc is not None else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -178,9 +257,40 @@ class SMIModel(
             )
 
     def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's contract: feature maps of stages 0 (stem, before the max-pool) to 4
+        (``layer4``). ``indices``: the last n stages if an int, all if None, else these stage
+        indices (negative from the end). Returns ``(final map, intermediates)``, or only the
+        list with ``intermediates_only``. ``norm`` is accepted for timm compatibility (ResNets
+        have no final norm). See :meth:`forward_stages` for maps keyed by stage name."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}.")
+        self._check_input(x)
+        take = _take_indices(len(STAGES), indices)
+        intermediates: list[torch.Tensor] = []
+        x = self.relu(self.bn1(self.conv1(x)))
+        if 0 in take:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        last = max(take) if stop_early else len(STAGES) - 1
+        for i in range(1, last + 1):
+            x = getattr(self, f"layer{i}")(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def forward_stages(
         self, x: torch.Tensor, layers: Sequence[str] = STAGES[1:]
     ) -> dict[str, torch.Tensor]:
-        """Spatial feature maps of the requested stages (``stem``, ``layer1`` ... ``layer4``)."""
+        """Spatial feature maps of the requested stages by name (``stem`` (after the max-pool),
+        ``layer1`` ... ``layer4``), computed only as deep as needed."""
         self._check_input(x)
         unknown = [name for name in layers if name not in STAGES]
         if unknown:
@@ -198,21 +308,98 @@ class SMIModel(
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last-stage spatial feature map, B x C x h x w."""
-        return self.forward_intermediates(x, layers=("layer4",))["layer4"]
+        return self.forward_stages(x, layers=("layer4",))["layer4"]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's head: global-average-pool a ``forward_features`` map (a B x C tensor is
+        taken as already pooled), then the classifier. ``pre_logits=True``, or a model
+        without a head, returns the pooled features."""
+        if x.ndim == 4:
+            x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits or self.fc is None else self.fc(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Globally average-pooled backbone features, B x C (2048 for ResNet-50)."""
-        return torch.flatten(self.avgpool(self.forward_features(x)), 1)
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Projector embedding (the space the SMI loss is computed in); pooled features if the
-        model has no projector."""
+        """Logits when the model has a classifier head; otherwise the projector embedding (the
+        space the SMI loss is computed in), or the pooled features without a projector."""
         h = self.embed(x)
+        if self.fc is not None:
+            return self.fc(h)
         return self.projector(h) if self.projector is not None else h
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict without the projector: torchvision ResNet names, ``fc`` excluded."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("projector.")}
+        """State dict of the backbone only: torchvision ResNet names, no ``fc``, no projector."""
+        return {
+            k: v for k, v in self.state_dict().items() if not k.startswith(("projector.", "fc."))
+        }
+
+    def weights_state_dict(self, with_projector: bool = False) -> dict[str, torch.Tensor]:
+        """What a weights folder stores: the backbone, the ``fc`` head if any, and the projector
+        only when asked (torchvision/timm load the rest with ``strict=True``)."""
+        return {
+            k: v
+            for k, v in self.state_dict().items()
+            if with_projector or not k.startswith("projector.")
+        }
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        *,
+        with_projector: bool = False,
+        training: dict | None = None,
+        results: dict | None = None,
+        name: str | None = None,
+        repo_id: str | None = None,
+    ) -> Path:
+        """Write a weights folder (see ``smi_hub.save_weights_folder``): backbone and head only
+        unless ``with_projector``; ``training``/``results`` default to those of the loaded
+        weights, so a load -> save round trip keeps the provenance."""
+        from smi_hub.weights import save_weights_folder
+
+        return save_weights_folder(
+            self,
+            save_directory,
+            with_projector=with_projector,
+            training=training,
+            results=results,
+            name=name,
+            repo_id=repo_id,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        with_projector: bool = False,
+        commit_message: str = "Upload smi-hub weights folder",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+    ) -> object:
+        """Create ``repo_id`` if needed and upload the weights folder (``model.safetensors``,
+        ``config.json``, ``README.md``: nothing else) in one commit; returns the commit info."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(
+                Path(tmp) / "weights", with_projector=with_projector, repo_id=repo_id
+            )
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=branch,
+                create_pr=create_pr,
+            )
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """Hugging Face mixin hook: write the smi-hub weights folder format."""

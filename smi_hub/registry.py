@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smi_hub.models import IMAGENET_MEAN, IMAGENET_STD
+from smi_hub.models import IMAGENET_MEAN, IMAGENET_STD, default_resize_ratio
 
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "smi_resnet18_fmnist"
@@ -129,7 +129,7 @@ def preprocessing(config: dict[str, Any], resize_ratio: float | None = None) -> 
     """The evaluation preprocessing a model config implies."""
     size = int(config.get("image_size", 224))
     if resize_ratio is None:
-        resize_ratio = float(config.get("resize_ratio", 1.0 if size <= 64 else 256 / 224))
+        resize_ratio = float(config.get("resize_ratio", default_resize_ratio(size)))
     return {
         "convert": "RGB (grayscale replicated to 3 channels, alpha composited on white)",
         "resize": int(round(size * resize_ratio)),

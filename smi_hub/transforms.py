@@ -32,8 +32,8 @@ def _config_of(name_or_model: Any) -> tuple[dict[str, Any], float | None]:
                 "get_transforms needs an SMIModel (with .config), a registry name, a weights "
                 f"folder or a config dict; got {type(name_or_model).__name__}."
             )
-        pre = getattr(name_or_model, "pretrained_cfg", None) or {}
-        return cfg, pre.get("resize_ratio")
+        crop_pct = (getattr(name_or_model, "pretrained_cfg", None) or {}).get("crop_pct")
+        return cfg, 1.0 / crop_pct if crop_pct else None
     if isinstance(name_or_model, dict):
         return name_or_model, name_or_model.get("resize_ratio")
     if isinstance(name_or_model, str | os.PathLike):

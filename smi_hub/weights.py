@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from smi_hub.errors import ChecksumError, DownloadError, UnsupportedFormatError, WeightsError
 from smi_hub.fileio import atomic_write, atomic_write_text
@@ -27,7 +27,17 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
-ARCH_KEYS = ("arch", "base_width", "small_stem", "projector_dims", "image_size", "mean", "std")
+ARCH_KEYS = (
+    "arch",
+    "base_width",
+    "small_stem",
+    "projector_dims",
+    "image_size",
+    "mean",
+    "std",
+    "num_classes",
+    "class_names",
+)
 # sane ranges of config.json fields, checked before anything is built: a ResNet-50 of width
 # 256 is 16x the usual 64 (about 400 M parameters); larger values are refused, not allocated
 MAX_BASE_WIDTH = 256
@@ -46,6 +56,23 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of ``state`` with a canonical header (keys sorted, compact JSON),
+    so the same tensors and metadata always give the same bytes and sha256 (safetensors
+    itself writes metadata in a per-process random order)."""
+    raw = save(state, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    header_bytes = header.encode() + b" " * (-len(header.encode()) % 8)  # 8-byte alignment
+    return len(header_bytes).to_bytes(8, "little") + header_bytes + raw[8 + n :]
+
+
+def timm_architecture(config: dict[str, Any]) -> str | None:
+    """timm's model name for a config whose layout timm builds (standard stem and width)."""
+    standard = config.get("base_width", 64) == 64 and not config.get("small_stem", False)
+    return config["arch"] if standard else None
+
+
 def save_weights_folder(
     model: torch.nn.Module,
     out_dir: str | os.PathLike,
@@ -54,31 +81,38 @@ def save_weights_folder(
     training: dict[str, Any] | None = None,
     results: dict[str, Any] | None = None,
     name: str | None = None,
+    repo_id: str | None = None,
 ) -> Path:
     """Write ``model`` as a weights folder and return its path.
 
     Args:
         model: an ``SMIModel``.
         out_dir: folder to create or overwrite.
-        with_projector: keep the ``projector.*`` tensors (needed to continue SMI training);
-            without them the file holds only torchvision-named backbone tensors.
-        training: summary of the training recipe (dataset, epochs, loss, ...) for config.json.
-        results: evaluation results (e.g. ``{"knn_top1": 85.1}``) for config.json and the card.
+        with_projector: keep the ``projector.*`` tensors (needed to continue SMI training;
+            ``save_pretrained``, ``push_to_hub`` and ``smi-hub export`` default to False);
+            without them the file holds only torchvision-named tensors (backbone, and the
+            ``fc`` classifier head if the model has one).
+        training: summary of the training recipe (dataset, epochs, loss, ...) for config.json;
+            default: the ``training`` section of the weights the model was loaded from.
+        results: evaluation results (e.g. ``{"knn_top1": 85.1}``) for config.json and the card;
+            default: those of the weights the model was loaded from.
         name: model name used in the model card title.
+        repo_id: Hugging Face repo id the folder is published as (for the card's usage line).
+
+    The weights file has deterministic bytes (canonical header), so saving the same tensors
+    twice gives the same ``weights_sha256``. config.json also carries timm's keys
+    (``pretrained_cfg``, ``num_classes``; ``architecture`` for timm-buildable layouts).
     """
     from smi_hub.model_card import render_model_card
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     keep_projector = with_projector and model.projector is not None
-    state = model.state_dict() if keep_projector else model.backbone_state_dict()
+    state = model.weights_state_dict(with_projector=keep_projector)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    atomic_write(
-        out / WEIGHTS_NAME,
-        lambda tmp: save_file(
-            state, str(tmp), metadata={"format": "pt", "smi_hub_format": str(FORMAT_VERSION)}
-        ),
-    )
+    data = safetensors_bytes(state, {"format": "pt", "smi_hub_format": str(FORMAT_VERSION)})
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(data))
+    loaded_from = getattr(model, "weights_config", None) or {}
 
     config = dict(model.config)
     if not keep_projector:
@@ -89,12 +123,17 @@ def save_weights_folder(
             "library": "smi-hub",
             "num_features": model.num_features,
             "num_params": sum(v.numel() for v in state.values()),
-            "weights_sha256": sha256_file(out / WEIGHTS_NAME),
-            "training": training or {},
-            "results": results or {},
+            "weights_sha256": hashlib.sha256(data).hexdigest(),
+            "training": (loaded_from.get("training") or {}) if training is None else training,
+            "results": (loaded_from.get("results") or {}) if results is None else results,
+            "pretrained_cfg": {
+                k: v for k, v in model.pretrained_cfg.items() if k != "weights_sha256"
+            },
         }
     )
-    card = render_model_card(config, name=name or out.resolve().name)
+    if timm_architecture(config):
+        config["architecture"] = timm_architecture(config)
+    card = render_model_card(config, name=name or out.resolve().name, repo_id=repo_id)
     atomic_write_text(out / CARD_NAME, card)
     # config.json last: it records the sha256 of the weights, so a folder interrupted between
     # two files is refused on load (ChecksumError) instead of pairing old and new files
@@ -318,7 +357,7 @@ def load_weights_folder(
     model = build_model_from_config(config)
     check_tensors(state, model.state_dict(), source=str(weights))
     load_state_dict_strict(model, state)
-    model.pretrained_cfg = config
+    model.weights_config = config
     if device is not None:
         model.to(device)
     return model.eval()

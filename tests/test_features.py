@@ -113,7 +113,7 @@ def test_torch_and_hf_datasets(model, fmnist_test):
 def test_layers(model):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        inter = model.forward_intermediates(x)
+        inter = model.forward_stages(x)
         proj = model(x)
     for layer in ("layer1", "layer2", "layer3", "layer4"):
         out = smi_hub.extract_features(model, x, layer=layer, progress=False).features

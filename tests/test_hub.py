@@ -324,7 +324,7 @@ print("ok")
 
 def test_save_pretrained_writes_our_format(tmp_path):
     model = tiny()
-    model.save_pretrained(tmp_path / "sp")
+    model.save_pretrained(tmp_path / "sp", with_projector=True)  # default: backbone only
     assert {p.name for p in (tmp_path / "sp").iterdir()} >= {
         "model.safetensors",
         "config.json",

@@ -55,7 +55,7 @@ def test_output_shapes_imagenet_stem(arch, base_width):
         assert model(x).shape == (2, 16)
         assert model.embed(x).shape == (2, c)
         assert model.forward_features(x).shape == (2, c, 2, 2)  # stride 32
-        inter = model.forward_intermediates(x, layers=("stem", "layer1", "layer2", "layer3"))
+        inter = model.forward_stages(x, layers=("stem", "layer1", "layer2", "layer3"))
     e = EXPANSION[arch]
     assert list(inter) == ["stem", "layer1", "layer2", "layer3"]
     assert inter["stem"].shape == (2, base_width, 16, 16)  # conv stride 2 + max-pool
@@ -71,7 +71,7 @@ def test_small_stem_shapes(arch, size, spatial):
     model.eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        inter = model.forward_intermediates(
+        inter = model.forward_stages(
             x, layers=("stem", "layer1", "layer2", "layer3", "layer4")
         )
         features = model.forward_features(x)
@@ -88,11 +88,11 @@ def test_small_stem_shapes(arch, size, spatial):
 def test_intermediates_layers_and_input_errors():
     model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[8]).eval()
     x = torch.randn(1, 3, 28, 28)
-    assert list(model.forward_intermediates(x)) == ["layer1", "layer2", "layer3", "layer4"]
-    assert list(model.forward_intermediates(x, layers=["layer2"])) == ["layer2"]
-    assert model.forward_intermediates(x, layers=[]) == {}
+    assert list(model.forward_stages(x)) == ["layer1", "layer2", "layer3", "layer4"]
+    assert list(model.forward_stages(x, layers=["layer2"])) == ["layer2"]
+    assert model.forward_stages(x, layers=[]) == {}
     with pytest.raises(ValueError, match=r"Unknown layers \['layer5'\]"):
-        model.forward_intermediates(x, layers=["layer5"])
+        model.forward_stages(x, layers=["layer5"])
     for bad in (torch.randn(3, 28, 28), torch.randn(1, 1, 28, 28), torch.randn(1, 4, 28, 28)):
         with pytest.raises(ValueError, match="B x 3 x H x W"):
             model(bad)
@@ -173,7 +173,7 @@ def test_save_pretrained_round_trip(tmp_path, projector_dims):
     x = torch.randn(4, 3, 32, 32)
     model(x)  # update BN running statistics away from their initial values
     model.eval()
-    model.save_pretrained(tmp_path / "w")
+    model.save_pretrained(tmp_path / "w", with_projector=True)
     cfg = json.loads((tmp_path / "w" / "config.json").read_text())
     assert cfg["projector_dims"] == projector_dims and cfg["num_features"] == 128
     loaded = SMIModel.from_pretrained(tmp_path / "w", map_location="cpu")
@@ -205,7 +205,7 @@ def test_strict_load_names_missing_unexpected_and_misshaped_tensors():
 def test_from_pretrained_strict_errors_from_files(tmp_path):
     model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[8])
     folder = tmp_path / "w"
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, with_projector=True)
     cfg = json.loads((folder / "config.json").read_text())
     del cfg["weights_sha256"]  # edited on purpose: reach the strict key check
     (folder / "config.json").write_text(json.dumps(cfg))

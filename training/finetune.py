@@ -1,0 +1,718 @@
+"""Fine-tune smi-hub weights into an image classifier (head + full backbone).
+
+    python -m training.finetune --model smi_resnet18_fmnist --data fashion_mnist --out runs/ft
+    python -m training.finetune --model weights/my_r50 --data imagefolder \
+        --data-path /data/flowers --out runs/flowers --epochs 30 --backbone-lr 0.01
+    python -m training.finetune ... --label-fraction 0.01      # 1% of the labels per class
+    torchrun --nproc-per-node 4 -m training.finetune ...        # DDP, same arguments
+
+Public API (``training.evaluate semisup`` builds on it)::
+
+    finetune(cfg: FinetuneConfig) -> dict
+        Train, select the best epoch on a validation split carved from the labelled training
+        images, test it once, write ``cfg.out`` as a weights folder (``smi_hub.load(out)``
+        gives the classifier) plus ``metrics.json`` and ``labels.json``; returns the
+        ``metrics.json`` dict ({"protocol": "finetune", "metrics": {"top1", "top5",
+        "val_top1", ...}, "settings": {...}, ...}).
+    select_label_subset(labels, fraction=None, per_class=None, seed=0) -> list[int]
+        Class-balanced, seeded choice of labelled training indices.
+
+``--resume auto`` continues from ``<out>/checkpoints`` exactly (data order, augmentations,
+optimizer, schedule, RNG states and the best epoch so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import smi_hub
+from smi_hub.errors import SMIHubError
+from smi_hub.models import SMIModel
+from training import distributed as D
+from training.checkpoint import (
+    CheckpointError,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from training.data import (
+    DataError,
+    IndexedSubset,
+    ResumableSampler,
+    _mix_seed,
+    build_source,
+    eval_transform,
+    subset_indices,
+    view_transform,
+)
+from training.optim import WarmupCosine
+
+log = logging.getLogger("training.finetune")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class FinetuneError(ValueError):
+    """A fine-tuning run was asked for something impossible; the message says how to fix it."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on (stored in its checkpoints and metrics)."""
+
+    model: str = smi_hub.DEFAULT_MODEL  # registry name, weights folder, HF repo id or URL
+    data: str = "fashion_mnist"  # fashion_mnist | imagefolder | hf (as training.evaluate)
+    out: str = "runs/finetune"
+    data_path: str | None = None
+    train_split: str = "train"
+    test_split: str | None = "test"  # None: no test evaluation
+    image_key: str = "image"
+    label_key: str = "label"
+    train_subset: int | None = None  # a random subset of the train split (smoke runs)
+    test_subset: int | None = None
+    label_fraction: float | None = None  # keep this fraction of each class's labels
+    labels_per_class: int | None = None  # or this many labelled images per class
+    val_fraction: float = 0.1  # of the labelled images, per class; 0: keep the last epoch
+    random_init: bool = False  # same recipe from a randomly initialized backbone
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 64  # global, across ranks
+    optimizer: str = "sgd"
+    lr: float = 0.05  # classifier head
+    backbone_lr: float | None = None  # default lr / 10; 0 freezes the backbone
+    layer_decay: float = 1.0  # backbone LR x layer_decay ** (stages above): 1 = uniform
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_steps: int | None = None  # default 5% of the steps
+    label_smoothing: float = 0.1
+    crop_scale: tuple[float, float] = (0.25, 1.0)  # RandomResizedCrop; (1, 1): no crop
+    hflip_prob: float = 0.5
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast
+    device: str = "auto"
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    checkpoint_every_steps: int = 500
+    keep_last: int = 2
+    seed: int = 0
+    progress: bool = True
+    name: str | None = None  # model card title (default: the out folder name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["crop_scale"] = list(self.crop_scale)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Label subsets and validation split
+# --------------------------------------------------------------------------------------------
+
+
+def select_label_subset(
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Sorted indices of a class-balanced labelled subset: ``per_class`` random images of each
+    class (all of a smaller class), or ``fraction`` of each class (at least one image). Neither:
+    every index. The same ``labels`` and ``seed`` always give the same subset."""
+    y = np.asarray(labels.tolist() if isinstance(labels, torch.Tensor) else labels, dtype=int)
+    if fraction is not None and per_class is not None:
+        raise FinetuneError("Pass either a label fraction or labels per class, not both.")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise FinetuneError(f"The label fraction must be in (0, 1], got {fraction}.")
+    if per_class is not None and per_class < 1:
+        raise FinetuneError(f"Labels per class must be >= 1, got {per_class}.")
+    if fraction is None and per_class is None:
+        return list(range(len(y)))
+    rng = np.random.default_rng(seed)
+    picked: list[int] = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = per_class if per_class is not None else max(1, round(fraction * len(idx)))  # type: ignore[operator]
+        picked += idx[rng.permutation(len(idx))[:k]].tolist()
+    return sorted(picked)
+
+
+def split_validation(
+    labels: Sequence[int] | np.ndarray, indices: Sequence[int], val_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split ``indices`` into (train, val) per class: ``floor(n_c * val_fraction)`` of each
+    class go to validation, always leaving at least one training image per class."""
+    if not 0 <= val_fraction < 1:
+        raise FinetuneError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    y = np.asarray(labels, dtype=int)
+    idx = np.asarray(indices, dtype=int)
+    rng = np.random.default_rng(seed + 7919)
+    train: list[int] = []
+    val: list[int] = []
+    for c in np.unique(y[idx]):
+        members = idx[y[idx] == c]
+        members = members[rng.permutation(len(members))]
+        n_val = min(int(math.floor(len(members) * val_fraction)), len(members) - 1)
+        val += members[:n_val].tolist()
+        train += members[n_val:].tolist()
+    return sorted(train), sorted(val)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class _MappedDataset(torch.utils.data.Dataset):
+    """(transform(image), label) of a source; with ``seed``, item ``i`` of epoch ``e`` is
+    transformed under a torch RNG seeded from ``(seed, e, i)`` (reproducible augmentations,
+    whatever the workers, ranks or resumes)."""
+
+    def __init__(self, base, transform, seed: int | None = None) -> None:
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[i]
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix_seed(self.seed, self.epoch, i))
+            return self.transform(image), label
+
+
+def _targets(ds) -> list[int]:
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        targets = [int(ds[i][1]) for i in range(len(ds))]
+    return [int(t) for t in targets]
+
+
+def _dataset_name(cfg: FinetuneConfig) -> str:
+    return cfg.data if not cfg.data_path else f"{cfg.data}:{cfg.data_path}"
+
+
+# --------------------------------------------------------------------------------------------
+# Model, optimizer, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int, class_names: Sequence[str]) -> SMIModel:
+    """The pretrained (or, with ``random_init``, freshly initialized) backbone with a new
+    ``num_classes``-way head and no projector."""
+    torch.manual_seed(cfg.seed)  # random init and the head's init
+    model = smi_hub.load(cfg.model, pretrained=not cfg.random_init)
+    model.projector, model.projector_dims = None, []
+    model.reset_classifier(num_classes, class_names)
+    return model
+
+
+def _stage_depth(name: str) -> int:
+    """0 for the stem, 1-4 for ``layer1``-``layer4``."""
+    head = name.split(".", 1)[0]
+    return int(head[5:]) if head.startswith("layer") and head[5:].isdigit() else 0
+
+
+def build_param_groups(model: SMIModel, cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """Head at ``lr``; backbone at ``backbone_lr * layer_decay ** (4 - stage)`` (stem = stage
+    0); no weight decay on biases and normalization weights. A zero backbone LR freezes it."""
+    backbone_lr = cfg.lr / 10 if cfg.backbone_lr is None else cfg.backbone_lr
+    groups: dict[tuple[str, float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if name.startswith("fc."):
+            lr = cfg.lr
+        else:
+            lr = backbone_lr * cfg.layer_decay ** (4 - _stage_depth(name))
+            if backbone_lr == 0:
+                p.requires_grad_(False)
+                continue
+        key = (name.split(".", 1)[0] if not name.startswith("fc.") else "fc", lr, p.ndim <= 1)
+        groups.setdefault(key, []).append(p)
+    return [
+        {"params": ps, "lr": lr, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+        for (_, lr, no_decay), ps in groups.items()
+    ]
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.half)
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    device: torch.device,
+    batch_size: int = 256,
+    precision: str = "fp32",
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of a classifier on a dataset of
+    (tensor, label); the model is put back into its previous train/eval mode."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    n = correct1 = correct5 = 0
+    loss = 0.0
+    for x, y in loader:
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        with _autocast(device, precision):
+            logits = model(x)
+        logits = logits.float()
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        n += y.numel()
+    model.train(was_training)
+    n = max(n, 1)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss / n}
+
+
+def _train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    cfg: FinetuneConfig,
+) -> float:
+    """One optimizer step; returns the loss."""
+    with _autocast(device, cfg.precision):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+    if not torch.isfinite(loss):
+        raise FinetuneError(
+            "The loss is not finite: training diverged. Lower --lr / --backbone-lr or use "
+            "--precision fp32, then --resume auto from the last checkpoint."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    if cfg.precision not in PRECISIONS:
+        raise FinetuneError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}.")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise FinetuneError(f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}.")
+    if cfg.epochs < 1 or (cfg.max_steps is not None and cfg.max_steps < 1):
+        raise FinetuneError("epochs and max_steps must be >= 1.")
+    if cfg.batch_size < 1 or cfg.lr <= 0 or (cfg.backbone_lr or 0) < 0:
+        raise FinetuneError("batch_size and lr must be positive and backbone_lr >= 0.")
+    if not 0 < cfg.layer_decay <= 1:
+        raise FinetuneError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
+
+
+def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
+    if resume == "none":
+        if list_checkpoints(ckpt_dir) or (ckpt_dir / "last.pt").exists():
+            raise FinetuneError(
+                f"{ckpt_dir} already holds checkpoints; pass --resume auto to continue that run "
+                "or choose another --out."
+            )
+        return None
+    if resume == "auto":
+        return find_latest(ckpt_dir)
+    if not Path(resume).is_file():
+        raise FinetuneError(f"--resume {resume}: no such checkpoint.")
+    return Path(resume)
+
+
+def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
+    """Run the fine-tuning ``cfg`` describes (see the module docstring); returns the metrics
+    dict also written to ``<out>/metrics.json``. Under torchrun, every rank calls it."""
+    _check(cfg)
+    device = D.setup_distributed(cfg.device)
+    ws, rk = D.world_size(), D.rank()
+    is_main = rk == 0
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    resume_path = _resolve_resume(resume, ckpt_dir)
+    t_start = time.time()
+
+    # ---- data: the labelled subset, its validation split, the test split
+    base = build_source(cfg.data, cfg.data_path, cfg.train_split, cfg.image_key, cfg.label_key)
+    sub = subset_indices(len(base), cfg.train_subset, cfg.seed)
+    split_index = list(range(len(base))) if sub is None else sub  # position -> split index
+    if sub is not None:
+        base = IndexedSubset(base, sub)
+    labels = _targets(base)
+    if not labels or min(labels) < 0:
+        raise FinetuneError(
+            f"{_dataset_name(cfg)} {cfg.train_split} has unlabelled images; fine-tuning needs "
+            "class subfolders (ImageFolder) or a label column."
+        )
+    classes = list(getattr(base, "classes", []) or [])
+    num_classes = max(len(classes), max(labels) + 1)
+    class_names = classes if len(classes) == num_classes else [str(c) for c in range(num_classes)]
+    labelled = select_label_subset(labels, cfg.label_fraction, cfg.labels_per_class, cfg.seed)
+    train_idx, val_idx = split_validation(labels, labelled, cfg.val_fraction, cfg.seed)
+    model = build_model(cfg, num_classes, class_names)
+    mean, std, size = model.mean, model.std, model.image_size
+    augment = view_transform(
+        size, mean, std, crop_scale=cfg.crop_scale, hflip_prob=cfg.hflip_prob,
+        color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
+    )  # fmt: skip
+    evaluation = eval_transform(size, mean, std)
+    train_ds = _MappedDataset(IndexedSubset(base, train_idx), augment, seed=cfg.seed)
+    val_ds = _MappedDataset(IndexedSubset(base, val_idx), evaluation) if val_idx else None
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "labels.json").write_text(
+            json.dumps(
+                {
+                    "dataset": _dataset_name(cfg),
+                    "split": cfg.train_split,
+                    "seed": cfg.seed,
+                    "label_fraction": cfg.label_fraction,
+                    "labels_per_class": cfg.labels_per_class,
+                    "val_fraction": cfg.val_fraction,
+                    "classes": class_names,
+                    "train_indices": [split_index[i] for i in train_idx],
+                    "val_indices": [split_index[i] for i in val_idx],
+                }
+            )
+            + "\n"
+        )
+
+    batch = cfg.batch_size
+    if len(train_ds) < batch:
+        batch = max(ws, len(train_ds) // ws * ws)
+        if is_main:
+            log.info("Only %d training images: batch size lowered to %d.", len(train_ds), batch)
+    if batch % ws:
+        raise FinetuneError(f"batch_size={batch} is not divisible by the {ws} processes.")
+    sampler = ResumableSampler(len(train_ds), batch // ws, ws, rk, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    steps_per_epoch = sampler.batches_per_epoch()
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    # ---- model, optimizer, schedule
+    model.to(device)
+    frozen = cfg.backbone_lr == 0
+    optimizer: torch.optim.Optimizer
+    groups = build_param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.05 * total_steps)
+    scheduler = WarmupCosine(optimizer, total_steps, warmup, min_lr_ratio=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    start_epoch, step, start_batch = 0, 0, 0
+    best: dict[str, Any] = {"val_top1": -1.0, "epoch": None, "step": 0, "state": None}
+    history: list[dict[str, Any]] = []
+    running = {"loss_sum": 0.0, "loss_n": 0}  # this epoch's train loss so far
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, map_location="cpu")
+        if state.get("model_config") != model.config:
+            raise CheckpointError(
+                f"{resume_path} holds a {state.get('model_config')} model, this run builds "
+                f"{model.config}; resume with the run's own arguments."
+            )
+        saved = state.get("config", {})
+        changed = sorted(k for k, v in cfg.to_dict().items() if saved.get(k, v) != v)
+        if changed and is_main:
+            log.warning(
+                "Resuming with changed settings %s; the schedule keeps its length.", changed
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        start_batch = int(state.get("step_in_epoch", 0))
+        best = dict(state["best"])
+        history = list(state["history"])
+        running = dict(state["running"])
+        total_steps = int(state["scheduler"]["total_steps"])
+        if is_main:
+            log.info("Resumed from %s: epoch %d, step %d.", resume_path, start_epoch, step)
+    net: nn.Module = model
+    if ws > 1:
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        if is_main:
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "model_config": model.config,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "step_in_epoch": step_in_epoch,
+                    "rng": rng_state(),
+                    "config": cfg.to_dict(),
+                    "best": best,
+                    "history": history,
+                    "running": running,
+                },
+                ckpt_dir,
+                keep_last=cfg.keep_last,
+            )
+        D.barrier()
+
+    def end_of_period(epoch_float: float, train_loss: float) -> None:
+        """Validate (rank 0) and keep the best state; the test set is never looked at."""
+        record: dict[str, Any] = {"epoch": epoch_float, "step": step, "train_loss": train_loss}
+        if is_main and val_ds is not None:
+            val = evaluate_classifier(model, val_ds, device, cfg.eval_batch_size, cfg.precision)
+            record.update(val_top1=val["top1"], val_loss=val["loss"])
+            if val["top1"] > best["val_top1"]:
+                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best.update(val_top1=val["top1"], epoch=epoch_float, step=step, state=state)
+        history.append(record)
+        if is_main:
+            log.info("epoch %.2f: %s", epoch_float, record)
+
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr)
+    net.train()
+    if frozen:  # a frozen backbone keeps its BatchNorm statistics
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    for epoch in range(start_epoch, cfg.epochs):
+        if step >= total_steps:
+            break
+        first = start_batch if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first)
+        train_ds.set_epoch(epoch)
+        step_in_epoch = first
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+            loss = _train_step(net, x, y, optimizer, scaler, device, cfg)
+            scheduler.step()
+            step += 1
+            step_in_epoch += 1
+            running["loss_sum"] += loss
+            running["loss_n"] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+            if step >= total_steps:
+                break
+            if step % cfg.checkpoint_every_steps == 0 and step_in_epoch < steps_per_epoch:
+                checkpoint(epoch, step_in_epoch)
+        done = step_in_epoch >= steps_per_epoch
+        end_of_period(
+            epoch + (1 if done else step_in_epoch / steps_per_epoch),
+            running["loss_sum"] / max(running["loss_n"], 1),
+        )
+        if done:
+            running.update(loss_sum=0.0, loss_n=0)
+        checkpoint(epoch + 1, 0) if done else checkpoint(epoch, step_in_epoch)
+    if bar is not None:
+        bar.close()
+
+    result: dict[str, Any] = {}
+    if is_main:
+        result = _finish(cfg, model, best, history, device, {
+            "train_images": len(train_idx), "val_images": len(val_idx),
+            "labelled_images": len(labelled), "num_classes": num_classes,
+            "steps": step, "batch_size": batch, "world_size": ws,
+            "seconds": round(time.time() - t_start, 1),
+        })  # fmt: skip
+    D.barrier()
+    return result
+
+
+def _finish(
+    cfg: FinetuneConfig,
+    model: SMIModel,
+    best: dict[str, Any],
+    history: list[dict[str, Any]],
+    device: torch.device,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Load the best state, test it once, write the weights folder and metrics.json."""
+    out = Path(cfg.out)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    metrics: dict[str, Any] = {
+        "val_top1": best["val_top1"] if best["state"] is not None else None,
+        "best_epoch": best["epoch"] if best["state"] is not None else history[-1]["epoch"],
+    }
+    if cfg.test_split:
+        test = build_source(cfg.data, cfg.data_path, cfg.test_split, cfg.image_key, cfg.label_key)
+        idx = subset_indices(len(test), cfg.test_subset, cfg.seed)
+        if idx is not None:
+            test = IndexedSubset(test, idx)
+        ev = eval_transform(model.image_size, model.mean, model.std)
+        res = evaluate_classifier(
+            model, _MappedDataset(test, ev), device, cfg.eval_batch_size, cfg.precision
+        )
+        metrics.update(top1=res["top1"], top5=res["top5"], test_images=len(test))
+    base_cfg = getattr(model, "weights_config", {}) or {}
+    training = {
+        "task": "finetune",
+        "base_model": cfg.model,
+        "base_weights_sha256": None if cfg.random_init else base_cfg.get("weights_sha256"),
+        "base_training": None if cfg.random_init else base_cfg.get("training") or None,
+        "dataset": _dataset_name(cfg),
+        "split": cfg.train_split,
+        **{k: v for k, v in cfg.to_dict().items() if k not in ("model", "data", "out", "name")},
+        **settings,
+        "best_epoch": metrics["best_epoch"],
+        "evaluation_datasets": {"finetune": _dataset_name(cfg)},
+    }
+    training = {k: v for k, v in training.items() if v is not None}
+    results = {
+        f"finetune_{k}": round(float(v), 4)
+        for k, v in metrics.items()
+        if k in ("top1", "top5", "val_top1") and v is not None
+    }
+    model.weights_config = {}
+    smi_hub.save_weights_folder(
+        model.cpu(), out, with_projector=False, training=training, results=results,
+        name=cfg.name or out.resolve().name,
+    )  # fmt: skip
+    result = {
+        "protocol": "finetune",
+        "dataset": _dataset_name(cfg),
+        "metrics": {k: v for k, v in metrics.items() if v is not None},
+        "settings": {**cfg.to_dict(), **settings},
+        "checkpoint": cfg.model if not cfg.random_init else "random-init",
+        "history": history,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.finetune",
+        description="Fine-tune smi-hub weights (head + backbone) into an image classifier.",
+    )
+    d = FinetuneConfig()
+    p.add_argument("--model", default=d.model, help="registry name, weights folder, HF repo, URL")
+    p.add_argument("--data", default=d.data, help="fashion_mnist | imagefolder | hf")
+    p.add_argument("--out", required=True, help="output weights folder (and run files)")
+    p.add_argument("--data-path", help="ImageFolder root or Hugging Face datasets folder/file")
+    p.add_argument("--train-split", default=d.train_split)
+    p.add_argument("--test-split", default=d.test_split, help="'none': no test evaluation")
+    p.add_argument("--image-key", default=d.image_key)
+    p.add_argument("--label-key", default=d.label_key)
+    p.add_argument("--train-subset", type=int, help="use a random subset of N training images")
+    p.add_argument("--test-subset", type=int, help="use a random subset of N test images")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--label-fraction", type=float, help="fraction of labels kept per class")
+    labels.add_argument("--labels-per-class", type=int, help="labelled images kept per class")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--random-init", action="store_true", help="same recipe, random backbone")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke runs)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr, help="head learning rate")
+    p.add_argument("--backbone-lr", type=float, help="default lr/10; 0 freezes the backbone")
+    p.add_argument("--layer-decay", type=float, default=d.layer_decay)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--crop-scale", type=float, nargs=2, default=list(d.crop_scale))
+    p.add_argument("--hflip-prob", type=float, default=d.hflip_prob)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--name", help="model card title (default: the --out folder name)")
+    p.add_argument("--resume", default="none", help="'auto', a checkpoint path, or 'none'")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The ``FinetuneConfig`` of parsed CLI arguments."""
+    return FinetuneConfig(
+        model=args.model, data=args.data, out=args.out, data_path=args.data_path,
+        train_split=args.train_split,
+        test_split=None if str(args.test_split).lower() == "none" else args.test_split,
+        image_key=args.image_key, label_key=args.label_key, train_subset=args.train_subset,
+        test_subset=args.test_subset, label_fraction=args.label_fraction,
+        labels_per_class=args.labels_per_class, val_fraction=args.val_fraction,
+        random_init=args.random_init, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        backbone_lr=args.backbone_lr, layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        label_smoothing=args.label_smoothing, crop_scale=tuple(args.crop_scale),
+        hflip_prob=args.hflip_prob, precision=args.precision, device=args.device,
+        num_workers=args.num_workers, checkpoint_every_steps=args.checkpoint_every_steps,
+        seed=args.seed, progress=not args.no_progress, name=args.name,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = finetune(config_from_args(args), resume=args.resume)
+    except (FinetuneError, DataError, CheckpointError, SMIHubError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        D.cleanup_distributed()
+    if result:
+        m = result["metrics"]
+        print(f"Fine-tuned weights -> {args.out}: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
