@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,19 @@ def test_loss_cost_smoke(tmp_path):
         assert case["grad_bytes"] == 2 * case["n"] * 32 * 4
         assert list(case["losses"]) == ["smi", "barlow_twins", "vicreg"]
         for name, row in case["losses"].items():
-            assert row["seconds"] > 0 and len(row["times"]) == 3
+            assert len(row["times"]) == 3 and row["seconds"] == statistics.median(row["times"])
+            assert min(row["times"]) > 0
             if sys.platform.startswith("linux"):
                 assert row["peak_bytes"] >= 0
             assert row["time_ratio_to_smi"] == row["seconds"] / case["losses"]["smi"]["seconds"]
             if name == "smi":
                 assert row["time_ratio_to_smi"] == 1.0
     assert data["crossover"]["32"]["n"] >= 1
+    # the printed table is the JSON's cases, in the benchmark's own format
+    bench = _load_benchmark()
+    assert bench.markdown(data["cases"], ["smi", "barlow_twins", "vicreg"]) in table
+    rows = [line for line in table.splitlines() if line.startswith("| 8 |")]
+    assert len(rows) == 1 and rows[0].count("|") == 2 + 2 * 3 + 2 * 2 + 1
 
 
 def test_crossover_interpolates_and_extrapolates():
