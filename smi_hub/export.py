@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the safe unpickler raises many types on foreign or broken files
-        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+        # torch's message advises weights_only=False (arbitrary code execution): never relay it
+        found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e), re.I)
+        if isinstance(e, pickle.UnpicklingError) and found:
             raise CheckpointError(
-                f"{path} holds pickled Python objects that safe loading refuses ({e}). "
-                "smi-hub never unpickles arbitrary objects; re-save the checkpoint with plain "
-                "tensors and dicts (training/ writes such checkpoints)."
+                f"{path} contains non-tensor Python objects ({found.group(1)}) and is refused "
+                "for safety: smi-hub never unpickles arbitrary objects. Export checkpoints "
+                "written by `python -m training.pretrain` (plain tensors and dicts)."
             ) from e
         raise CheckpointError(
-            f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e}); it may be "
+            f"{path} is not a readable torch checkpoint ({type(e).__name__}); it may be "
             "truncated or not a checkpoint at all."
         ) from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:

@@ -130,7 +130,7 @@ def test_export_errors(tmp_path, r18):
         export_checkpoint(plain, tmp_path / "o")
     pickled = tmp_path / "pickled.pt"
     torch.save({"format": "smi-hub-checkpoint", "odd": argparse.Namespace(a=1)}, pickled)
-    with pytest.raises(CheckpointError, match="pickled Python objects"):
+    with pytest.raises(CheckpointError, match="non-tensor Python objects"):
         export_checkpoint(pickled, tmp_path / "o")
     ckpt = write_checkpoint(tmp_path / "r2", r18, model_config=None)
     with pytest.raises(CheckpointError, match="must be dicts"):

@@ -30,6 +30,7 @@ def test_overrides_are_typed_and_nested():
         None,
         [
             "train.epochs=3",
+            "train.warmup_epochs=1",
             "loss.name=vicreg",
             "model.projector_dims=[64,32]",
             "train.weight_decay=1e-4",
@@ -49,7 +50,7 @@ def test_overrides_are_typed_and_nested():
         ("trian.lr=0.1", "Unknown config key 'trian'"),
         ("train.lr=fast", "train.lr: expected a number but got 'fast'"),
         ("train.epochs=2.5", "train.epochs: expected an integer"),
-        ("train.epochs=0", "train.epochs: must be positive"),
+        ("train.epochs=0", "train.epochs: must be an integer in [1, inf), got 0"),
         ("loss.name=simclr", "loss.name: 'simclr' is not one of smi, barlow_twins, vicreg"),
         ("model.projector_dims=8", "model.projector_dims: expected a list"),
         ("train.channels_last=maybe", "train.channels_last: expected true or false"),
@@ -66,7 +67,7 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     rc = pretrain.main(["--config", str(CONFIGS[0]), "train.batch_size=-1"])
     err = capsys.readouterr().err
     assert rc == pretrain.EXIT_CONFIG
-    assert "Config error: train.batch_size: must be positive" in err
+    assert "Config error: train.batch_size: must be an integer in [2, inf), got -1" in err
     assert "Traceback" not in err
 
 

@@ -61,7 +61,8 @@ def test_tiny_pretraining_run_writes_the_run_directory(tmp_path):
     assert list((out / "tb").glob("events.out.tfevents.*"))
     assert load_config(out / "config.yaml").to_dict() == cfg.to_dict()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == ["checkpoint_00000006.pt", "checkpoint_00000008.pt", "last.pt"]
+    names = ["checkpoint_00000006.pt", "checkpoint_00000008.pt", "last.pt"]
+    assert ckpts == sorted(names + [n + ".sha256" for n in names])  # with their checksums
 
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["format"] == "smi-hub-checkpoint" and state["version"] == 1

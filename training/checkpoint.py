@@ -1,4 +1,5 @@
-"""Training checkpoints: atomic writes, keep-last-k, safe loading (``weights_only=True``).
+"""Training checkpoints: atomic writes, SHA-256 sidecars, keep-last-k, verified and safe
+loading (``weights_only=True``).
 
 A checkpoint is a dict of plain types and tensors (loadable with
 ``torch.load(path, weights_only=True)``)::
@@ -14,19 +15,28 @@ global optimizer step count.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import re
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from smi_hub.fileio import atomic_write, atomic_write_text, fsync_dir
+
+log = logging.getLogger(__name__)
 FORMAT = "smi-hub-checkpoint"
 VERSION = 1
 LAST_NAME = "last.pt"
+SIDECAR_SUFFIX = ".sha256"
 _CKPT_RE = re.compile(r"^checkpoint_(\d{8,})\.pt$")
+_TMP_RE = re.compile(r"^\.(checkpoint_\d{8,}\.pt|last\.pt)(\.sha256)?\..*tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -86,42 +96,98 @@ def save_checkpoint(
     state: dict[str, Any], directory: str | os.PathLike, keep_last: int = 3
 ) -> Path:
     """Write ``state`` to ``directory/checkpoint_<step:08d>.pt`` atomically (temporary file,
-    fsync, rename), point ``last.pt`` at it (a copy written the same way), and delete all but
-    the newest ``keep_last`` numbered checkpoints. Returns the checkpoint path."""
+    fsync, rename) with a ``.sha256`` sidecar, point ``last.pt`` at it (a hard link, or a copy
+    written the same way, with its own sidecar), and delete all but the newest ``keep_last``
+    numbered checkpoints. Returns the checkpoint path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.iterdir():  # temporaries of a run killed while writing
+        if _TMP_RE.match(stale.name):
+            stale.unlink(missing_ok=True)
     state = {"format": FORMAT, "version": VERSION, **state}
     path = directory / checkpoint_name(int(state["step"]))
-    _atomic_save(state, path)
+    digest = ""
+
+    def write(tmp: Path) -> None:
+        nonlocal digest
+        torch.save(state, tmp)
+        digest = file_sha256(tmp)
+
+    atomic_write(path, write)
+    _write_sidecar(path, digest)
     last = directory / LAST_NAME
-    tmp_link = directory / f".{LAST_NAME}.tmp"
+    tmp_link = directory / f".{LAST_NAME}.link.tmp"
     tmp_link.unlink(missing_ok=True)
-    try:  # a hard link costs no space; fall back to a second atomic copy
+    try:  # a hard link costs no space; fall back to a copy
         os.link(path, tmp_link)
         os.replace(tmp_link, last)
+        fsync_dir(directory)
     except OSError:
         tmp_link.unlink(missing_ok=True)
-        _atomic_save(state, last)
+        atomic_write(last, lambda tmp: shutil.copyfile(path, tmp))
+    _write_sidecar(last, digest)
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
+        sidecar_path(old).unlink(missing_ok=True)
     return path
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The checksum file of a checkpoint: ``<name>.sha256`` next to it."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_sidecar(path: Path, digest: str) -> None:
+    atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")  # `sha256sum -c` format
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check that ``path`` holds the bytes it was written with, before anything reads it.
+
+    The SHA-256 in its ``.sha256`` sidecar must match; a checkpoint without one (written by
+    an older smi-hub, or by a run killed between the two renames) must pass the CRC-32 checks
+    of its zip archive. Raises :class:`CheckpointError` saying what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} not found.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes).")
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        words = sidecar.read_text(errors="replace").split()
+        expected = words[0].lower() if words else ""
+        if not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise CheckpointError(
+                f"{sidecar} does not hold a SHA-256 digest, so {path} cannot be verified."
+            )
+        actual = file_sha256(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{path} does not match its checksum in {sidecar.name} (sha256 {actual[:12]}..., "
+                f"expected {expected[:12]}...): it was modified or corrupted after it was written."
+            )
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint archive ({e}) and has no {SIDECAR_SUFFIX} "
+            "checksum file: it is truncated, overwritten or not a checkpoint."
+        ) from e
+    if bad is not None:
+        raise CheckpointError(f"{path}: the stored entry {bad} fails its CRC check (corrupted).")
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -134,31 +200,64 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def find_latest(directory: str | os.PathLike) -> Path | None:
-    """The newest usable checkpoint in ``directory`` (``last.pt`` or the highest step)."""
+    """The newest intact checkpoint in ``directory`` (``last.pt``, then the numbered ones from
+    the highest step down), or None if there is none at all.
+
+    Damaged ones (see :func:`verify_checkpoint`) are skipped with a warning; if every one is
+    damaged, raises :class:`CheckpointError` listing what is wrong with each.
+    """
     directory = Path(directory)
     candidates = list(reversed(list_checkpoints(directory)))
     last = directory / LAST_NAME
     if last.is_file():
         candidates.insert(0, last)
-    return candidates[0] if candidates else None
+    problems: list[str] = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("Skipping damaged checkpoints: %s Using %s.", " ".join(problems), path)
+        return path
+    if problems:
+        raise CheckpointError(
+            f"No intact checkpoint in {directory}: {' '.join(problems)} Restore a checkpoint "
+            "from a backup, or start a new run in another output_dir."
+        )
+    return None
+
+
+def _load_error(path: Path, e: Exception) -> CheckpointError:
+    """A loading failure explained without relaying torch's advice to unpickle."""
+    found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e), re.IGNORECASE)
+    if found:
+        return CheckpointError(
+            f"{path} contains non-tensor Python objects ({found.group(1)}) and is refused for "
+            "safety: smi-hub loads checkpoints with torch.load(weights_only=True) and never "
+            "unpickles arbitrary objects."
+        )
+    return CheckpointError(
+        f"{path} could not be read as a safe (weights_only) checkpoint ({type(e).__name__}); "
+        "it is truncated, corrupted or not a torch checkpoint."
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint safely (``weights_only=True``) and check its format."""
+    """Verify (:func:`verify_checkpoint`), then load a training checkpoint safely
+    (``weights_only=True``) and check its format. A folder means its newest intact one."""
     path = Path(path)
     if path.is_dir():
         found = find_latest(path / "checkpoints") or find_latest(path)
         if found is None:
             raise CheckpointError(f"No checkpoint found in {path}.")
         path = found
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} not found.")
+    verify_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle, ...
-        raise CheckpointError(
-            f"{path} could not be loaded as a safe (weights_only) checkpoint: {e}"
-        ) from e
+    except Exception as e:  # the safe unpickler raises many types on foreign or broken files
+        raise _load_error(path, e) from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an smi-hub training checkpoint (no format tag).")
     if int(state.get("version", 0)) > VERSION:

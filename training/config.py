@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from smi_hub.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD
@@ -237,75 +240,223 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class Range:
+    """A closed or open interval of finite numbers that a config value must lie in."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __str__(self) -> str:
+        def fmt(x: float) -> str:
+            if math.isinf(x):
+                return "inf"
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        closing = ")" if self.hi_open or math.isinf(self.hi) else "]"
+        return f"{'(' if self.lo_open else '['}{fmt(self.lo)}, {fmt(self.hi)}{closing}"
+
+    def check(self, key: str, value: float) -> None:
+        """Raise :class:`ConfigError` naming ``key``, ``value`` and the interval if outside."""
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        if not (math.isfinite(value) and above and below):
+            kind = "an integer" if isinstance(value, int) else "a finite number"
+            raise ConfigError(f"{key}: must be {kind} in {self}, got {value!r}.")
+
+
+POSITIVE = Range(0.0, lo_open=True)
+NON_NEGATIVE = Range(0.0)
+PROBABILITY = Range(0.0, 1.0)
+COUNT = Range(1)
+
+# Allowed values of every numeric setting (each item of a list setting); None values of
+# optional settings (data.subset, train.grad_clip, train.max_steps) are skipped.
+RANGES: dict[str, Range] = {
+    "seed": Range(0, 2**32 - 1),
+    "model.base_width": Range(1, 1024),
+    "model.image_size": Range(8, 4096),
+    "model.projector_dims": Range(2, 65536),
+    "model.mean": PROBABILITY,
+    "model.std": POSITIVE,
+    "data.subset": COUNT,
+    "data.num_workers": NON_NEGATIVE,
+    "data.max_bad_fraction": Range(0.0, 1.0, hi_open=True),
+    "data.augment.crop_scale": Range(0.0, 1.0, lo_open=True),
+    "data.augment.hflip_prob": PROBABILITY,
+    "data.augment.color_jitter_prob": PROBABILITY,
+    "data.augment.grayscale_prob": PROBABILITY,
+    "data.augment.blur_prob": PROBABILITY,
+    "data.augment.blur_sigma": POSITIVE,
+    "data.augment.solarize_prob": PROBABILITY,
+    "train.epochs": COUNT,
+    "train.batch_size": Range(2),  # the losses and BatchNorm need at least 2 images
+    "train.lr": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.momentum": Range(0.0, 1.0, hi_open=True),
+    "train.lars_eta": POSITIVE,
+    "train.bias_bn_lr_ratio": POSITIVE,
+    "train.min_lr_ratio": PROBABILITY,
+    "train.grad_clip": POSITIVE,
+    "train.max_nonfinite": COUNT,
+    "train.max_steps": COUNT,
+    "checkpoint.every_steps": COUNT,
+    "checkpoint.keep_last": COUNT,
+    "log.every_steps": COUNT,
+}
+LENGTHS = {
+    "model.mean": (3, "R, G, B"),
+    "model.std": (3, "R, G, B"),
+    "data.augment.crop_scale": (2, "min, max"),
+    "data.augment.color_jitter": (4, "brightness, contrast, saturation, hue"),
+    "data.augment.blur_prob": (2, "view A, view B"),
+    "data.augment.blur_sigma": (2, "min, max"),
+    "data.augment.solarize_prob": (2, "view A, view B"),
+}
+# Keyword arguments of each loss: a Range for numbers, None for true/false flags.
+LOSS_KWARGS: dict[str, dict[str, Range | None]] = {
+    "smi": {
+        "lambda_offdiag": NON_NEGATIVE,
+        "diag_weight": NON_NEGATIVE,
+        "eps": Range(0.0, 1.0, lo_open=True, hi_open=True),
+        "std_eps": POSITIVE,
+        "gather": None,
+    },
+    "barlow_twins": {"lambd": NON_NEGATIVE, "bn_eps": POSITIVE, "gather": None},
+    "vicreg": {
+        "sim_weight": NON_NEGATIVE,
+        "var_weight": NON_NEGATIVE,
+        "cov_weight": NON_NEGATIVE,
+        "gamma": POSITIVE,
+        "eps": POSITIVE,
+        "gather": None,
+    },
+}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _get(cfg: PretrainConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}.")
 
 
-def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(
-            f"{key}: must be {'non-negative' if allow_zero else 'positive'}, got {value}."
-        )
+def _check_text(key: str, value: str | None) -> None:
+    if value is not None and not value.strip():
+        raise ConfigError(f"{key}: must not be empty, got {value!r}.")
 
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
-    """Range and choice checks that types alone cannot express."""
+    """Check every setting against its choices and allowed range (see :data:`RANGES`).
+
+    Runs before anything is built, so a bad value stops the run at once with a
+    :class:`ConfigError` naming the key, the value and what is allowed. Checks that depend on
+    this machine (device, output folder) are in :func:`check_runtime`.
+    """
+    _check_choice("device", cfg.device, DEVICES)
     _check_choice("model.arch", cfg.model.arch, tuple(ARCHS))
     _check_choice("loss.name", cfg.loss.name, LOSS_NAMES)
     _check_choice("data.source", cfg.data.source, SOURCES)
     _check_choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     _check_choice("train.precision", cfg.train.precision, PRECISIONS)
-    if len(cfg.model.mean) != 3 or len(cfg.model.std) != 3:
-        raise ConfigError("model.mean and model.std need 3 values (RGB).")
-    if not cfg.model.projector_dims:
-        raise ConfigError("model.projector_dims must list at least one width for pretraining.")
-    for key in ("model.base_width", "model.image_size", "train.epochs", "train.batch_size"):
-        section, name = key.split(".")
-        _check_positive(key, getattr(getattr(cfg, section), name))
-    _check_positive("train.lr", cfg.train.lr)
-    _check_positive("train.weight_decay", cfg.train.weight_decay, allow_zero=True)
-    _check_positive("train.bias_bn_lr_ratio", cfg.train.bias_bn_lr_ratio)
-    _check_positive("train.warmup_epochs", cfg.train.warmup_epochs, allow_zero=True)
-    _check_positive("train.max_nonfinite", cfg.train.max_nonfinite)
-    _check_positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
-    _check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    _check_positive("log.every_steps", cfg.log.every_steps)
-    _check_positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    if not 0.0 <= cfg.data.max_bad_fraction < 1.0:
-        raise ConfigError(
-            f"data.max_bad_fraction must be in [0, 1), got {cfg.data.max_bad_fraction}."
-        )
-    a = cfg.data.augment
-    if len(a.crop_scale) != 2 or not 0 < a.crop_scale[0] <= a.crop_scale[1] <= 1:
-        raise ConfigError(
-            f"data.augment.crop_scale must be [min, max] in (0, 1], got {a.crop_scale}."
-        )
-    if len(a.color_jitter) != 4:
-        raise ConfigError(
-            "data.augment.color_jitter needs 4 values: brightness, contrast, saturation, hue."
-        )
-    for key in ("blur_prob", "solarize_prob", "blur_sigma"):
-        if len(getattr(a, key)) != 2:
-            raise ConfigError(f"data.augment.{key} needs 2 values (view A, view B).")
-    if cfg.data.source in ("imagefolder", "hf") and not cfg.data.path:
+    for key in ("output_dir", "data.path", "data.split", "data.image_key", "data.label_key"):
+        _check_text(key, _get(cfg, key))
+    if cfg.data.source == "fashion_mnist":
+        _check_choice("data.split", cfg.data.split, ("train", "test"))
+    elif not cfg.data.path:
         raise ConfigError(
             f"data.path is required for data.source={cfg.data.source}; pass data.path=/path/to/data."
         )
-    if cfg.data.subset is not None:
-        _check_positive("data.subset", cfg.data.subset)
+    if not cfg.model.projector_dims:
+        raise ConfigError("model.projector_dims must list at least one width for pretraining.")
+    for key, (n, names) in LENGTHS.items():
+        if len(_get(cfg, key)) != n:
+            raise ConfigError(f"{key}: needs {n} values ({names}), got {_get(cfg, key)}.")
+    for key, allowed in RANGES.items():
+        value = _get(cfg, key)
+        for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            if item is not None:
+                allowed.check(key if i is None else f"{key}[{i}]", item)
+    a = cfg.data.augment
+    for i, name in enumerate(("brightness", "contrast", "saturation", "hue")):
+        Range(0.0, 0.5 if name == "hue" else math.inf).check(
+            f"data.augment.color_jitter[{i}] ({name})", a.color_jitter[i]
+        )
+    for key in ("crop_scale", "blur_sigma"):
+        lo, hi = getattr(a, key)
+        if lo > hi:
+            raise ConfigError(f"data.augment.{key}: [min, max] needs min <= max, got [{lo}, {hi}].")
+    Range(0.0, float(cfg.train.epochs)).check(
+        f"train.warmup_epochs (at most train.epochs={cfg.train.epochs}, or the learning rate "
+        "is still warming up when the run ends)",
+        cfg.train.warmup_epochs,
+    )
+    if cfg.log.monitor_samples != 0:
+        Range(2).check("log.monitor_samples (0 turns the monitors off)", cfg.log.monitor_samples)
+    if cfg.data.subset is not None and cfg.data.subset < cfg.train.batch_size:
+        raise ConfigError(
+            f"data.subset: {cfg.data.subset} images are fewer than one batch "
+            f"(train.batch_size={cfg.train.batch_size}); raise data.subset or lower the batch."
+        )
     _check_loss(cfg.loss)
     return cfg
+
+
+def check_runtime(cfg: PretrainConfig) -> None:
+    """The checks :func:`validate` cannot do without this machine: the device exists and
+    ``output_dir`` is (or can be created as) a writable folder (created here)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "device: 'cuda' was requested but no CUDA GPU is visible; use device=cpu or "
+            "device=auto."
+        )
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"output_dir: {cfg.output_dir!r} is an existing file, not a folder; choose another "
+            "output_dir=..."
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(
+            f"output_dir: {cfg.output_dir!r} is not a writable folder ({reason}); choose "
+            "another output_dir=..."
+        ) from e
 
 
 def _check_loss(loss: LossConfig) -> None:
     from training.losses import build_loss
 
+    allowed = LOSS_KWARGS[loss.name]
     for k, v in loss.kwargs.items():
-        if not isinstance(v, int | float | bool):
+        key = f"loss.kwargs.{k}"
+        if k not in allowed:
             raise ConfigError(
-                f"loss.kwargs.{k}: expected a number or true/false, got {v!r} (in YAML flow "
-                "style write {key: value} with a space after the colon)."
+                f"{key}: {loss.name} takes no argument {k!r}; its arguments are "
+                f"{', '.join(allowed)}."
+            )
+        if allowed[k] is None:
+            if not isinstance(v, bool):
+                raise ConfigError(f"{key}: expected true or false, got {v!r}.")
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            allowed[k].check(key, v)
+        else:
+            raise ConfigError(
+                f"{key}: expected a number in {allowed[k]}, got {v!r} (in YAML flow style "
+                "write {key: value} with a space after the colon)."
             )
     try:
         build_loss(loss.name, **loss.kwargs)

@@ -29,6 +29,7 @@ from smi_hub.models import SMIModel
 from training import distributed as D
 from training.checkpoint import (
     CheckpointError,
+    checkpoint_name,
     find_latest,
     list_checkpoints,
     load_checkpoint,
@@ -36,7 +37,13 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from training.config import ConfigError, PretrainConfig, load_config, save_config
+from training.config import (
+    ConfigError,
+    PretrainConfig,
+    check_runtime,
+    load_config,
+    save_config,
+)
 from training.data import (
     DataError,
     IndexedSubset,
@@ -53,6 +60,7 @@ from training.optim import WarmupCosine, build_optimizer
 
 log = logging.getLogger("training.pretrain")
 EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED = 2, 3, 4
+RESUME_KEYS = ("model", "model_config", "optimizer", "scheduler", "scaler", "rng", "epoch", "step")
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,15 +173,17 @@ def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
 def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     """Run pretraining described by ``cfg``; returns the final metrics. Call
     :func:`training.distributed.setup_distributed` first under torchrun (``main`` does)."""
+    check_runtime(cfg)
     device = D.setup_distributed(cfg.device)
     ws, rk = D.world_size(), D.rank()
     is_main = rk == 0
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    if cfg.train.batch_size % ws:
+    if cfg.train.batch_size % ws or cfg.train.batch_size < 2 * ws:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the "
-            f"{ws} processes; pick a multiple of {ws}."
+            f"train.batch_size={cfg.train.batch_size} (global) must be a multiple of the {ws} "
+            f"processes giving each at least 2 images (the losses and BatchNorm need 2); pick "
+            f"a multiple of {ws} of at least {2 * ws}."
         )
     local_bs = cfg.train.batch_size // ws
     resume_path = _resolve_resume(resume, ckpt_dir)
@@ -227,6 +237,12 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     start_epoch, step, start_batch = 0, 0, 0
     if resume_path is not None:
         state = load_checkpoint(resume_path, map_location="cpu")  # RNG states must stay on CPU
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(
+                f"{resume_path} lacks {', '.join(missing)}, so training cannot continue from it "
+                "(export it, or start a new run)."
+            )
         base_model = _unwrap(model)
         if state["model_config"] != base_model.config:
             raise CheckpointError(
@@ -290,6 +306,8 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
         )
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        nonlocal saved
+        saved = ckpt_dir / checkpoint_name(step)
         if is_main:
             base_model = _unwrap(model)
             path = save_checkpoint(
@@ -311,6 +329,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             log.debug("Saved %s", path)
         D.barrier()
 
+    saved = resume_path  # the newest checkpoint of this run, if any
     nonfinite = 0
     skipped_total = 0
     last: dict[str, Any] = {}
@@ -375,12 +394,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                     log.warning(msg)
                     metrics.write({"type": "event", "event": "nonfinite", "step": step})
                     if nonfinite >= cfg.train.max_nonfinite:
-                        raise TrainingDiverged(
-                            f"{nonfinite} consecutive non-finite steps at step {step}: training "
-                            "diverged. The last good checkpoint in "
-                            f"{ckpt_dir} is intact; lower train.lr, use precision=fp32 or "
-                            "set train.grad_clip, then --resume auto."
-                        )
+                        raise TrainingDiverged(_diverged_message(nonfinite, step, saved, cfg))
                     continue
                 nonfinite = 0
                 scheduler.step()
@@ -464,6 +478,22 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     finally:
         metrics.close()
     return last
+
+
+def _diverged_message(n: int, step: int, saved: Path | None, cfg: PretrainConfig) -> str:
+    """Why the run stopped, what is on disk, and what to change."""
+    fix = "lower train.lr, use train.precision=fp32 or set train.grad_clip"
+    head = f"{n} consecutive non-finite steps at step {step}: training diverged."
+    if saved is None:
+        return (
+            f"{head} No checkpoint was written yet (the first comes after "
+            f"checkpoint.every_steps={cfg.checkpoint.every_steps} steps or one epoch), so there "
+            f"is nothing to resume: {fix}, then start again."
+        )
+    return (
+        f"{head} The last good checkpoint, {saved}, is intact (nothing is saved after a "
+        f"non-finite step): {fix}, then --resume auto."
+    )
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
