@@ -475,6 +475,10 @@ def step_train(step: Step) -> None:
             res["compile"]["first_step_s"][r.name] = round(_timed_step(r, a, b), 2)
             step.save()
         _alternate(step, runners, a, b, cfg["warmup"], cfg["steps"], compiled=True)
+    except StepTimeout:
+        raise
+    except Exception as e:  # a compiler failure is a result; the eager rows stand
+        res["compile"]["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
     finally:
         del runners
         torch._dynamo.reset()
@@ -716,24 +720,24 @@ def step_fmnist(step: Step) -> None:
         else "k-NN on 512 train / 256 test images",
         "eval_reserve_s": eval_reserve,
     }
+    # calibration: two short epochs (2 x 30 steps; 2 x 2 in quick mode) give the step rate
+    calib = _run_logged(
+        [*py, "training.pretrain", *common, f"output_dir={work / 'calibration'}",
+         f"data.subset={64 if quick else 7680}", "train.epochs=2"],
+        work / "calibration.log", min(90.0, step.left() / 3),
+    )  # fmt: skip
+    res["calibration"] = calib
+    step.save()
+    if calib["returncode"] != 0:
+        raise RuntimeError(f"calibration run failed (exit {calib['returncode']})")
+    rate = _calibrate(_read_jsonl(work / "calibration" / "metrics.jsonl"), calib["wall_s"])
+    calib.update({k: round(v, 4) for k, v in rate.items()})
+    train_s = step.left() - eval_reserve - rate["fixed_s"]
+    max_steps = max(1, int(0.9 * train_s / rate["seconds_per_step"]))
     if quick:
-        max_steps = 3
-    else:
-        calib = _run_logged(
-            [*py, "training.pretrain", *common, f"output_dir={work / 'calibration'}",
-             "data.subset=7680", "train.epochs=2"],
-            work / "calibration.log", min(90.0, step.left() / 3),
-        )  # fmt: skip
-        res["calibration"] = calib
-        step.save()
-        if calib["returncode"] != 0:
-            raise RuntimeError(f"calibration run failed (exit {calib['returncode']})")
-        rate = _calibrate(_read_jsonl(work / "calibration" / "metrics.jsonl"), calib["wall_s"])
-        calib.update({k: round(v, 4) for k, v in rate.items()})
-        train_s = step.left() - eval_reserve - rate["fixed_s"]
-        max_steps = max(1, int(0.9 * train_s / rate["seconds_per_step"]))
-        step.check()
-    epochs = max_steps // (FMNIST_TRAIN_IMAGES // 256) + 2 if not quick else 1
+        max_steps = min(max_steps, 3)
+    step.check()
+    epochs = 1 if quick else max_steps // (FMNIST_TRAIN_IMAGES // 256) + 2
     run = work / "run"
     main = _run_logged(
         [*py, "training.pretrain", *common, f"output_dir={run}", f"train.epochs={epochs}",

@@ -109,6 +109,8 @@ def test_quick_suite_through_the_wrapper(tmp_path):
         assert row["ratio"] == pytest.approx(ratio, rel=0.01)
 
     fm = data["steps"]["fmnist_training"]["result"]
+    cal = fm["calibration"]  # two epochs of 2 steps measure the step rate
+    assert cal["returncode"] == 0 and cal["seconds_per_step"] > 0 and cal["fixed_s"] > 0
     assert fm["train"]["returncode"] == 0 and fm["train"]["steps_done"] == 3
     assert "train.precision=bf16" in fm["train"]["command"]
     comp = fm["comparison"]
