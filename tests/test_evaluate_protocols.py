@@ -149,26 +149,55 @@ def test_knn_and_fast_linear_write_per_class_results(tmp_path, capsys):
     assert diag / 5 == pytest.approx(result["metrics"]["top1"])
 
 
-def test_balanced_subset_is_seeded_class_balanced_and_saved(tmp_path):
-    labels = [i % 10 for i in range(1000)] + [0] * 100  # class 0: 200 images, others 100
-    idx = evaluate.balanced_subset(labels, 0.1, seed=3)
-    counts = torch.bincount(torch.tensor([labels[i] for i in idx]), minlength=10)
-    assert counts.tolist() == [20] + [10] * 9 and idx == sorted(set(idx))
-    assert evaluate.balanced_subset(labels, 0.1, seed=3) == idx
-    assert evaluate.balanced_subset(labels, 0.1, seed=4) != idx
-    assert min(torch.bincount(torch.tensor(
-        [labels[i] for i in evaluate.balanced_subset(labels, 0.001, 0)]))) >= 1  # fmt: skip
+def test_semisup_fine_tunes_on_a_pinned_class_balanced_subset(tmp_path, capsys):
+    from smi_hub.fashion_mnist import FashionMNIST
+
+    out = tmp_path / "semisup.json"
+    argv = [
+        "semisup", "--fraction", "0.01", "--weights", DEFAULT, "--train-subset", "2000",
+        "--test-subset", "200", "--epochs", "2", "--out", str(out),
+    ]  # fmt: skip
+    result, err = _cli(capsys, argv)
+    s = result["settings"]
+    assert s["protocol"] == "vicreg" and (s["lr_backbone"], s["lr_head"]) == (0.03, 0.08)
+    assert s["weight_decay"] == 0.0 and s["labelled_images"] == 20 and s["test_images"] == 200
+    assert set(result["metrics"]) == {"top1", "top5"} and "finetune" in err
+    # the index file: 2 images of each class (1 % of 2,000), in the train split's numbering
+    index_file = tmp_path / "subsets" / "fashion_mnist_train_0.01_seed0.txt"
+    indices = [int(x) for x in index_file.read_text().split()]
+    labels = FashionMNIST("train").labels
+    assert sorted(int(labels[i]) for i in indices) == sorted(list(range(10)) * 2)
+    # fine-tuned on exactly those images; a classifier that loads
+    used = json.loads((tmp_path / "semisup_finetuned" / "labels.json").read_text())
+    assert used["train_indices"] == indices
+    import smi_hub
+
+    assert smi_hub.load(str(tmp_path / "semisup_finetuned")).num_classes == 10
+    # the same command again: the file pins the subset; a different file is refused
+    index_file.write_text("1\n2\n")
+    assert evaluate.main(argv) == 2
+    assert "different label subset" in capsys.readouterr().err
+
+
+def test_fix_subset_records_and_checks(tmp_path):
     path = evaluate.subset_file(tmp_path, "fashion_mnist", "train", 0.1, 3)
     assert path.name == "fashion_mnist_train_0.1_seed3.txt"
-    assert evaluate.load_or_make_subset(path, labels, 0.1, 3) == idx
-    assert [int(x) for x in path.read_text().split()] == idx
-    path.write_text("1\n2\n")  # an existing file fixes the subset
-    assert evaluate.load_or_make_subset(path, labels, 0.1, 3) == [1, 2]
-    path.write_text("5000\n")
-    with pytest.raises(evaluate.EvalError, match="outside"):
-        evaluate.load_or_make_subset(path, labels, 0.1, 3)
-    with pytest.raises(evaluate.EvalError, match="fraction"):
-        evaluate.balanced_subset(labels, 0.0)
+    assert evaluate.fix_subset(path, [5, 1, 3]) == [1, 3, 5]
+    assert path.read_text() == "1\n3\n5\n"
+    assert evaluate.fix_subset(path, [3, 5, 1]) == [1, 3, 5]
+    with pytest.raises(evaluate.EvalError, match="different label subset"):
+        evaluate.fix_subset(path, [1, 3])
+    path.write_text("x\n")
+    with pytest.raises(evaluate.EvalError, match="one integer index per line"):
+        evaluate.fix_subset(path, [1])
+
+
+def test_semisup_settings_errors(tmp_path, capsys):
+    base = ["semisup", "--weights", DEFAULT, "--out", str(tmp_path / "s.json")]
+    assert evaluate.main([*base, "--protocol", "barlow_twins", "--fraction", "0.1"]) == 2
+    assert "No published barlow_twins fine-tuning setting" in capsys.readouterr().err
+    assert evaluate.main([*base, "--lr", "0.1"]) == 2
+    assert "BACKBONE HEAD" in capsys.readouterr().err
 
 
 def test_protocol_flag_errors(capsys):

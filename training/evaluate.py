@@ -685,21 +685,6 @@ def reference_linear(
 # --------------------------------------------------------------------------------------------
 
 
-def balanced_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> list[int]:
-    """Sorted indices of ``round(fraction * n_c)`` (at least 1) random images of each class c,
-    drawn with ``seed``: the same labels and seed always give the same subset."""
-    if not 0.0 < fraction <= 1.0:
-        raise EvalError(f"--fraction must be in (0, 1], got {fraction}.")
-    labels_a = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels_a):
-        idx = np.flatnonzero(labels_a == c)
-        n = max(1, int(round(fraction * len(idx))))
-        picked.append(rng.choice(idx, size=n, replace=False))
-    return sorted(int(i) for i in np.concatenate(picked))
-
-
 def subset_file(
     folder: str | os.PathLike, dataset: str, split: str, fraction: float, seed: int
 ) -> Path:
@@ -707,30 +692,29 @@ def subset_file(
     return Path(folder) / f"{dataset}_{split}_{fraction:g}_seed{seed}.txt"
 
 
-def load_or_make_subset(
-    path: str | os.PathLike, labels: Sequence[int], fraction: float, seed: int
-) -> list[int]:
-    """The indices in ``path`` when it exists (checked against ``labels``), else a new
-    :func:`balanced_subset` written there atomically: the saved file fixes the subset, as the
+def fix_subset(path: str | os.PathLike, indices: Sequence[int]) -> list[int]:
+    """Record the label subset ``indices`` in ``path`` (written atomically), or, when the file
+    exists, check that it holds exactly these indices: the saved file pins the subset, as the
     references ship theirs (SimCLR's 1 % / 10 % ImageNet lists)."""
     path = Path(path)
+    indices = sorted(int(i) for i in indices)
     if path.is_file():
         try:
-            idx = [int(line) for line in path.read_text().split()]
+            saved = [int(line) for line in path.read_text().split()]
         except ValueError as e:
             raise EvalError(f"{path} must hold one integer index per line ({e}).") from e
-        if not idx or min(idx) < 0 or max(idx) >= len(labels):
+        if saved != indices:
             raise EvalError(
-                f"{path} holds indices outside the {len(labels)} training images; delete it "
-                "to draw a new subset or pass the file that belongs to this dataset."
+                f"{path} holds a different label subset ({len(saved)} indices) than this "
+                f"dataset, fraction and seed give ({len(indices)}); the data changed. Delete "
+                "the file to record the new subset, or restore the data it was drawn from."
             )
-        return idx
-    idx = balanced_subset(labels, fraction, seed)
+        return saved
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{i}\n" for i in idx))
+    tmp.write_text("".join(f"{i}\n" for i in indices))
     os.replace(tmp, path)
-    return idx
+    return indices
 
 
 # --------------------------------------------------------------------------------------------
@@ -1037,10 +1021,16 @@ def _run_semisup(
     settings: dict[str, Any],
     extra: dict[str, Any],
 ) -> dict[str, float]:
-    """``semisup``: fine-tune on a fixed class-balanced label subset (``training.finetune``)."""
+    """``semisup``: fine-tune backbone + head on a fixed class-balanced label subset, with the
+    references' settings, through ``training.finetune`` (the one fine-tuning loop)."""
+    from smi_hub.weights import save_weights_folder
+    from training.finetune import FinetuneConfig, finetune, select_label_subset
+
     recipe = args.recipe or "vicreg"
     if recipe == "fast":
         raise EvalError("semisup --protocol takes barlow_twins or vicreg (whose settings).")
+    if not out:
+        raise EvalError("semisup needs --out FILE.json or --run-dir (where it writes its runs).")
     key = (recipe, float(args.fraction))
     if key not in REFERENCE_SEMISUP and not (args.lr and len(args.lr) == 2):
         known = ", ".join(f"{r} {f:g}" for r, f in REFERENCE_SEMISUP)
@@ -1048,27 +1038,52 @@ def _run_semisup(
             f"No published {recipe} fine-tuning setting for --fraction {args.fraction:g} "
             f"(published: {known}); pass --lr BACKBONE HEAD to choose one."
         )
+    if args.lr and len(args.lr) != 2:
+        raise EvalError("semisup --lr takes two values: BACKBONE HEAD.")
     ref = {**SEMISUP_COMMON, **REFERENCE_SEMISUP.get(key, {})}
     lr_backbone, lr_head = args.lr if args.lr else (ref["lr_backbone"], ref["lr_head"])
     wd = (args.weight_decay or [ref["weight_decay"]])[0]
     epochs = args.epochs if args.epochs is not None else ref["epochs"]
-    train_base = labelled_source(
-        args.dataset, args.data_path, args.train_split, args.train_subset, args.seed,
-        args.image_key, args.label_key,
-    )  # fmt: skip
-    test_base = labelled_source(
-        args.dataset, args.data_path, args.test_split, args.test_subset, args.seed,
-        args.image_key, args.label_key,
-    )  # fmt: skip
-    labels = list(getattr(train_base, "targets", None) or [y for _, y in train_base])
-    folder = args.subset_dir or str(Path(out).parent / "subsets" if out else "eval_subsets")
-    index_file = subset_file(folder, args.dataset, args.train_split, args.fraction, args.seed)
-    idx = load_or_make_subset(index_file, labels, args.fraction, args.seed)
-    raise EvalError(
-        f"semisup needs training/finetune.py (subset of {len(idx)} images saved to "
-        f"{index_file}; lr {lr_backbone}/{lr_head}, wd {wd}, {epochs} epochs, {len(test_base)} "
-        "test images)."
+
+    # the subset finetune will draw (same source, subset and seed), pinned by an index file
+    train = build_eval_source(
+        args.dataset, args.data_path, args.train_split, args.image_key, args.label_key
     )
+    positions = subset_indices(len(train), args.train_subset, args.seed)
+    split_index = positions if positions is not None else list(range(len(train)))
+    if positions is not None:
+        train = IndexedSubset(train, positions)
+    labels = [int(t) for t in (getattr(train, "targets", None) or [y for _, y in train])]
+    chosen = select_label_subset(labels, fraction=args.fraction, seed=args.seed)
+    folder = args.subset_dir or str(Path(out).parent / "subsets")
+    index_file = subset_file(folder, args.dataset, args.train_split, args.fraction, args.seed)
+    indices = fix_subset(index_file, [split_index[i] for i in chosen])
+
+    stem = Path(out).with_suffix("")
+    base = Path(f"{stem}_base")
+    save_weights_folder(model.cpu(), base, with_projector=False)  # what is fine-tuned
+    cfg = FinetuneConfig(
+        model=str(base), data=args.dataset, out=f"{stem}_finetuned", data_path=args.data_path,
+        train_split=args.train_split, test_split=args.test_split, image_key=args.image_key,
+        label_key=args.label_key, train_subset=args.train_subset, test_subset=args.test_subset,
+        label_fraction=args.fraction, val_fraction=0.0, epochs=epochs,
+        batch_size=ref["batch_size"], optimizer="sgd", lr=lr_head, backbone_lr=lr_backbone,
+        weight_decay=wd, momentum=0.9, warmup_steps=0, label_smoothing=0.0,
+        crop_scale=(0.08, 1.0), hflip_prob=0.5, device=args.device,
+        num_workers=args.num_workers, seed=args.seed,
+    )  # fmt: skip
+    res = finetune(cfg)
+    used = json.loads((Path(cfg.out) / "labels.json").read_text())["train_indices"]
+    if sorted(used) != indices:
+        raise EvalError(f"finetune trained on other images than {index_file} records.")
+    settings.update(
+        protocol=recipe, fraction=args.fraction, labelled_images=len(indices),
+        lr_backbone=lr_backbone, lr_head=lr_head, weight_decay=wd, epochs=epochs,
+        batch_size=ref["batch_size"], subset_file=str(index_file), finetuned=cfg.out,
+        test_images=res["metrics"].get("test_images"),
+    )  # fmt: skip
+    extra["history"] = res.get("history", [])
+    return {k: float(res["metrics"][k]) for k in ("top1", "top5")}
 
 
 def main(argv: list[str] | None = None) -> int:
