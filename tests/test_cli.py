@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_quickstart(weights, capsys, fmnist_test):
     assert out.count("query: test image") == 3
     assert "5-NN majority-vote accuracy on 40 held-out" in out
     acc = float(out.split("accuracy on 40 held-out Fashion-MNIST test images: ")[1].split("%")[0])
-    assert 0.0 <= acc <= 100.0
+    assert 0.0 <= acc <= 100.0 and (acc * 40 / 100) == pytest.approx(round(acc * 40 / 100))
     # gallery and held-out queries are disjoint test images
     gallery = Path(out.split("Gallery: ")[1].split(" (")[0])
     in_gallery = {int(p.stem) for p in gallery.rglob("*.png")}
@@ -138,6 +139,13 @@ def test_quickstart(weights, capsys, fmnist_test):
         if "query:" in line
     }
     assert not in_gallery & queried
+
+
+def test_quickstart_default_model_is_well_above_chance(capsys):
+    assert main(["quickstart", "--per-class", "10", "--eval", "100"]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("accuracy on 100 held-out Fashion-MNIST test images: ")[1].split("%")[0])
+    assert acc >= 60.0  # 10 classes: chance is 10 %, collapsed features score about 10 %
 
 
 def test_quickstart_without_default(capsys, monkeypatch, tmp_path):
@@ -152,5 +160,5 @@ def test_console_entry_point_exists():
     from importlib.metadata import entry_points
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
-    if "smi-hub" in scripts:
-        assert scripts["smi-hub"] == "smi_hub.cli:main"
+    assert scripts.get("smi-hub") == "smi_hub.cli:main"
+    assert (Path(sys.executable).parent / "smi-hub").is_file()  # installed next to python
