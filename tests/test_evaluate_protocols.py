@@ -205,3 +205,34 @@ def test_protocol_flag_errors(capsys):
     assert "--protocol applies to linear and semisup" in capsys.readouterr().err
     assert evaluate.main(["transfer", "--weights", DEFAULT, "--data", "mnist"]) == 2
     assert "digits" in capsys.readouterr().err
+
+
+def test_report_tables_from_protocol_results(tmp_path):
+    from training import report
+
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+             "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+    cm = [[0] * 10 for _ in range(10)]
+    for i in range(10):
+        cm[i][i] = 10
+    cm[6][6], cm[6][0], cm[6][2], cm[6][4] = 4, 3, 2, 1  # Shirt: 4 right, 6 confused
+    cm[4][2] = 5  # Coat: 5 more images, taken for Pullover
+    per_class = {"classes": names, "confusion": cm,
+                 "top1": [100 * cm[i][i] / sum(cm[i]) for i in range(10)]}  # fmt: skip
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "linear.json").write_text(json.dumps({"metrics": {"top1": 88.0}, "per_class": per_class}))
+    (a / "transfer_digits.json").write_text(json.dumps({
+        "metrics": {"1shot_top1": 50.0, "1shot_top1_std": 2.5, "allshot_top1": 90.0,
+                    "allshot_top1_std": 0.0},
+        "knn": {"top1": 91.25, "top5": 99.0},
+    }))  # fmt: skip
+    (a / "semisup_0.01.json").write_text(json.dumps({"metrics": {"top1": 70.0, "top5": 95.0}}))
+    fg = report.fine_grained_table({"m": a}).splitlines()
+    # within-four confusions: 6 (Shirt) + 5 (Coat) of 10 + 10 + 15 + 10 = 45 images
+    assert fg[2] == "| m | 88.0 | 100.0 | 100.0 | 66.7 | 40.0 | 24.4 % | 30.0 / 20.0 / 10.0 |"
+    tr = report.transfer_table({"m": a}).splitlines()
+    assert tr[0] == "| model | k-NN top-1 | 1-shot top-1 | all-shot top-1 |"
+    assert tr[2] == "| m | 91.2 | 50.0 ± 2.5 | 90.0 ± 0.0 |"
+    assert report.semisup_table({"m": a}).splitlines()[2] == "| m | 70.0 / 95.0 |  |"
+    assert report.main(["--table", "semisup", f"m={a}"]) == 0

@@ -5,6 +5,8 @@
 
 Each ``LABEL=FOLDER`` names a folder holding the ``knn.json``, ``linear.json`` and
 ``transfer.json`` written by ``python -m training.evaluate``; missing files give empty cells.
+``--table transfer|fine_grained|semisup`` build the other tables of docs/results.md from the
+same folders (``transfer_digits.json``, per-class ``linear.json``, ``semisup_<fraction>.json``).
 """
 
 from __future__ import annotations
@@ -58,9 +60,93 @@ def results_table(models: dict[str, str | Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CONFUSABLE = ("T-shirt/top", "Pullover", "Coat", "Shirt")
+
+
+def _read(folder: str | Path, name: str) -> dict[str, Any]:
+    path = Path(folder) / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def transfer_table(models: dict[str, str | Path], name: str = "transfer_digits.json") -> str:
+    """Transfer results (``evaluate transfer``): k-NN on all training images, then the linear
+    probe per shot count as mean ± std over the sampling seeds."""
+    results = {label: _read(folder, name) for label, folder in models.items()}
+    shots = shot_counts([{"transfer": r} for r in results.values()])
+    header = ["model", "k-NN top-1"] + [f"{s}-shot top-1" for s in shots]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, r in results.items():
+        knn = r.get("knn", {}).get("top1")
+        row = [label, "" if knn is None else f"{knn:.1f}"]
+        for s in shots:
+            mean, std = (
+                r.get("metrics", {}).get(f"{s}shot_top1"),
+                r.get("metrics", {}).get(f"{s}shot_top1_std"),
+            )
+            row.append("" if mean is None else f"{mean:.1f} ± {std:.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fine_grained_table(models: dict[str, str | Path], name: str = "linear.json") -> str:
+    """Per-class top-1 of the confusable Fashion-MNIST classes and how often each of them is
+    taken for another of them (rows of the confusion matrix, percent of the class)."""
+    header = ["model", "overall top-1"] + [f"{c} top-1" for c in CONFUSABLE]
+    header += ["confused within the four", "Shirt as T-shirt / Pullover / Coat"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, folder in models.items():
+        r = _read(folder, name)
+        pc = r.get("per_class")
+        if not pc:
+            lines.append(f"| {label} |" + " |" * (len(header) - 1))
+            continue
+        idx = [pc["classes"].index(c) for c in CONFUSABLE]
+        cm = pc["confusion"]
+        within = sum(cm[i][j] for i in idx for j in idx if i != j)
+        total = sum(sum(cm[i]) for i in idx)
+        shirt = idx[3]
+        n_shirt = max(1, sum(cm[shirt]))
+        as_other = " / ".join(f"{100 * cm[shirt][j] / n_shirt:.1f}" for j in idx[:3])
+        row = [label, f"{r['metrics']['top1']:.1f}"]
+        row += [f"{pc['top1'][i]:.1f}" for i in idx]
+        row += [f"{100 * within / max(1, total):.1f} %", as_other]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def semisup_table(
+    models: dict[str, str | Path], fractions: tuple[str, ...] = ("0.01", "0.1")
+) -> str:
+    """Semi-supervised fine-tuning top-1 / top-5 (``evaluate semisup``) per label fraction."""
+    header = ["model"] + [f"{float(f) * 100:g} % labels top-1 / top-5" for f in fractions]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, folder in models.items():
+        row = [label]
+        for f in fractions:
+            m = _read(folder, f"semisup_{f}.json").get("metrics", {})
+            row.append(f"{m['top1']:.1f} / {m['top5']:.1f}" if m else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {
+    "main": results_table,
+    "transfer": transfer_table,
+    "fine_grained": fine_grained_table,
+    "semisup": semisup_table,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="LABEL=FOLDER of evaluation JSONs")
+    parser.add_argument(
+        "--table",
+        choices=tuple(TABLES),
+        default="main",
+        help="main: knn/linear/transfer.json; transfer: transfer_digits.json; fine_grained: "
+        "per-class linear.json; semisup: semisup_<fraction>.json",
+    )
     parser.add_argument("--out", help="also write the table to this file")
     args = parser.parse_args(argv)
     models = {}
@@ -69,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not label or not folder:
             parser.error(f"expected LABEL=FOLDER, got {item!r}")
         models[label] = folder
-    table = results_table(models)
+    for folder in models.values():
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder of evaluation results.")
+    table = TABLES[args.table](models)
     print(table, end="")
     if args.out:
         Path(args.out).write_text(table)
