@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import json
 import logging
 import os
 import pickle
@@ -555,15 +556,18 @@ def test_resume_auto_with_every_checkpoint_damaged_exits_3(tmp_path, capsys):
 def test_resume_auto_skips_a_tampered_last_checkpoint_and_ends_identical(tmp_path):
     """A two-byte flip in last.pt (and its hard-linked twin) makes --resume auto redo the
     last steps from the previous checkpoint; the result equals the uninterrupted run."""
-    extra = ["train.epochs=2", "checkpoint.every_steps=3"]  # checkpoints at steps 3, 4, 7, 8
+    extra = ["train.epochs=2", "checkpoint.every_steps=3"]  # checkpoints at steps 3, 4, 6, 8
     full, damaged = tmp_path / "full", tmp_path / "damaged"
     assert pretrain.main([*TINY, f"output_dir={full}", *extra]) == 0
     assert pretrain.main([*TINY, f"output_dir={damaged}", *extra]) == 0
     last = damaged / "checkpoints" / "last.pt"
     _flip(last, _data_offset(last) + 1000)
+    assert find_latest(last.parent).name == "checkpoint_00000006.pt"  # 8 shares last.pt's inode
     assert pretrain.main([*TINY, f"output_dir={damaged}", *extra, "--resume", "auto"]) == 0
     a, b = load_checkpoint(full), load_checkpoint(damaged)
     assert a["step"] == b["step"] == 8
+    events = [json.loads(line) for line in (damaged / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "resume"] == [6]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
