@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import socket
 import sys
 import threading
 import traceback
@@ -36,10 +37,17 @@ import smi_hub
 from smi_hub.download import cache_dir
 from smi_hub.errors import ImageLoadError, SMIHubError
 from smi_hub.gallery import label_of
-from smi_hub.images import IMAGE_EXTENSIONS, MAX_PIXELS, list_images, load_image, to_rgb
+from smi_hub.images import IMAGE_EXTENSIONS, check_size, list_images, load_image, to_rgb
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, list_models
+from smi_hub.weights import validate_config
 
 CACHE_FORMAT = 1
+# query images: refused from their header, before decoding, above these (far below Pillow's
+# decompression-bomb limit of 179 M pixels); --max-pixels changes the first
+MAX_PIXELS = 40_000_000
+MAX_DECODE_BYTES = 512 << 20
+SEARCH_CONCURRENCY = 4  # searches served at once: one slow query does not hold up the others
+MAX_UPLOAD = "50mb"
 DISPLAY_SIZE = 224  # px of the longer side of displayed images (28 px images: x8, nearest)
 MAX_K = 20
 EXAMPLES = 10
@@ -153,8 +161,12 @@ class SearchEngine:
         model: an ``SMIModel`` or anything ``smi_hub.load`` accepts (None: the embedded default).
         gallery: folder of images, class folders optional (None: ``smi_hub.default_gallery()``).
         cache_root: where gallery embeddings are cached (default ``<smi_hub cache>/demo``).
-        max_pixels: larger query images are refused.
+        max_pixels, max_decode_bytes: larger query images are refused before decoding.
         progress: tqdm progress bars while embedding the gallery.
+        models: more models the page offers (names or folders), besides the registry models
+            available here and ``model``.
+        allow_any_model: let the page load any name, folder, Hugging Face repo id or URL
+            (off: only the offered models; see :meth:`may_load`).
 
     A model or gallery that cannot be used does not raise here: the problem is kept in
     ``model_error`` / ``gallery_error``, shown in :meth:`status_markdown` and raised as
@@ -168,11 +180,18 @@ class SearchEngine:
         *,
         cache_root: str | os.PathLike | None = None,
         max_pixels: int = MAX_PIXELS,
+        max_decode_bytes: int = MAX_DECODE_BYTES,
         progress: bool = True,
+        models: Sequence[str | os.PathLike] = (),
+        allow_any_model: bool = False,
     ) -> None:
         self.lock = threading.RLock()
         self.cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "demo"
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
+        self.allow_any_model = allow_any_model
+        given = [model] if isinstance(model, str | os.PathLike) else []
+        self.offered = list(dict.fromkeys([*available_models(), *map(str, [*given, *models])]))
         self.progress = progress
         self.model: torch.nn.Module | None = None
         self.model_name = ""
@@ -222,6 +241,41 @@ class SearchEngine:
                 except Exception as e:
                     self.gallery_error = f"Could not index the gallery: {type(e).__name__}: {e}"
 
+    def may_load(self, target: str) -> bool:
+        """Whether the page may load ``target``: one of :attr:`offered`, or anything when the
+        operator allowed it. Decided on the string alone (no file or network access)."""
+        return self.allow_any_model or target in self.offered
+
+    def self_check(self, model: torch.nn.Module) -> None:
+        """``DemoError`` unless ``model`` has a valid config and gives finite features that
+        differ between a gallery image and a synthetic ramp (a degenerate model gives the
+        same features for every image, so every search would return arbitrary neighbours)."""
+        config = getattr(model, "config", None)
+        if isinstance(config, dict):
+            try:
+                validate_config(config, source="the model's config")
+            except SMIHubError as e:
+                raise DemoError(str(e)) from None
+        ramp = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
+        images = [Image.fromarray(ramp)]
+        for path in self.files[:5]:
+            with contextlib.suppress(ImageLoadError):
+                images.append(load_image(path))
+                break
+        if len(images) == 1:
+            images.append(Image.fromarray(255 - ramp))
+        feats = smi_hub.extract_features(model, images, progress=False).features
+        if len(feats) != 2 or not bool(torch.isfinite(feats).all()):
+            raise DemoError(
+                "its features of a gallery image are NaN or infinite (diverged or corrupt "
+                "weights, or a broken preprocessing config)"
+            )
+        if torch.equal(feats[0], feats[1]):
+            raise DemoError(
+                "it gives the same features for different images (constant output: a "
+                "degenerate or untrained-and-collapsed model)"
+            )
+
     def set_model(self, model: Any = None) -> str:
         """Load ``model`` (name, folder, repo id, URL or ``SMIModel``) and index the gallery
         with it. On failure the previous model stays and ``DemoError`` says why."""
@@ -237,6 +291,7 @@ class SearchEngine:
                 else smi_hub.load(name, progress=self.progress)
             )
             loaded.eval()
+            self.self_check(loaded)
             key = model_sha256(loaded)
         except Exception as e:  # any loader problem is a message, not a crash
             msg = f"Could not load model {name!r}: {e}"
@@ -337,7 +392,7 @@ class SearchEngine:
         if isinstance(image, str | os.PathLike):
             path = Path(image)
             try:
-                return load_image(path, max_pixels=self.max_pixels)
+                return load_image(path, self.max_pixels, self.max_decode_bytes)
             except ImageLoadError as e:
                 raise DemoError(str(e).replace(str(path), path.name)) from None
         if isinstance(image, np.ndarray):
@@ -346,11 +401,10 @@ class SearchEngine:
             except (TypeError, ValueError) as e:
                 raise DemoError(f"Not an image array: {e}") from None
         if isinstance(image, Image.Image):
-            if image.width * image.height > self.max_pixels:
-                raise DemoError(
-                    f"{image.width}x{image.height} pixels is more than the limit of "
-                    f"{self.max_pixels:,}; downscale the image first."
-                )
+            try:
+                check_size(*image.size, image.mode, self.max_pixels, self.max_decode_bytes)
+            except ImageLoadError as e:
+                raise DemoError(str(e)) from None
             return to_rgb(image)
         raise DemoError(f"Not an image: got a {type(image).__name__}.")
 
@@ -429,6 +483,7 @@ class SearchEngine:
         """(gallery items, query overlay, status markdown) for the page; ``DemoError`` on bad
         input or a missing model / gallery."""
         method = MAP_TYPES.get(map_type, map_type)
+        image = self.query_image(image)  # decoded outside the lock: other searches go on
         with self.lock:  # the same model for the search and the maps
             pil, emb, matches = self.search(image, k)
             qmap, nmaps, note = self.maps(pil, emb, matches, method)
@@ -499,12 +554,26 @@ def example_images(engine: SearchEngine, n: int = EXAMPLES) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _upload_folder() -> Path:
+    """Where Gradio keeps uploaded files (the only files a query may name)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
 def lenient_preprocess(component: gr.Image) -> gr.Image:
     """Let uploads PIL cannot open reach the search (as their file path), so the search says
-    clearly what is wrong instead of Gradio's generic error. Same front end as ``gr.Image``."""
+    clearly what is wrong instead of Gradio's generic error. Same front end as ``gr.Image``.
+    Images sent inline as ``data:`` URLs are refused: Gradio would decode them whole before
+    the engine could check their size."""
     strict = component.preprocess
 
     def preprocess(payload: Any) -> Any:
+        if str(getattr(payload, "url", None) or "").startswith("data:"):
+            raise gr.Error("Upload the image as a file; inline data: URLs are not accepted.")
+        path = getattr(payload, "path", None)
+        if path and not Path(path).resolve().is_relative_to(_upload_folder()):
+            raise gr.Error("Upload the image as a file; paths on the server are not accepted.")
         try:
             return strict(payload)
         except Exception:
@@ -553,6 +622,14 @@ def load_model_page(engine: SearchEngine, name: str | None, folder: str | None) 
         msg = "Pick a registered model or type the path of a weights folder."
         _warn(msg)
         return engine.status_markdown() + f"  \n**{msg}**"
+    if not engine.may_load(target):  # the same answer whatever the value points to
+        shown = target if len(target) <= 60 else target[:57] + "..."
+        msg = (
+            f"This demo does not offer the model {shown!r}. Pick one of the listed models "
+            "(the operator offers more with `smi-hub demo --model NAME_OR_FOLDER`)."
+        )
+        _warn(msg)
+        return engine.status_markdown() + f"  \n**{msg}**"
     try:
         return engine.set_model(target)
     except DemoError as e:
@@ -573,16 +650,29 @@ def build_app(
     k: int = 5,
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
+    models: Sequence[str | os.PathLike] = (),
+    allow_any_model: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> gr.Blocks:
     """The demo page for ``model`` (name, path or ``SMIModel``; None: the embedded default) and
-    ``gallery`` (folder; None: the default Fashion-MNIST gallery).
+    ``gallery`` (folder; None: the default Fashion-MNIST gallery). The page can switch to the
+    registry models available here, ``model`` and ``models``; to anything ``smi_hub.load``
+    takes only with ``allow_any_model`` (see :class:`SearchEngine`).
 
     Named API endpoints: ``/search`` (image, k, map type, opacity -> neighbours, query map,
     status) and ``/load_model`` (registry name, folder -> status). The engine is available as
     ``app.smi_engine``.
     """
     if engine is None:
-        engine = SearchEngine(model, gallery, cache_root=cache_root, progress=progress)
+        engine = SearchEngine(
+            model,
+            gallery,
+            cache_root=cache_root,
+            progress=progress,
+            models=models,
+            allow_any_model=allow_any_model,
+            max_pixels=max_pixels,
+        )
 
     def run_search(image: Any, k: int, map_type: str, alpha: float) -> tuple[Any, Any, str]:
         return search_page(engine, image, k, map_type, alpha)
@@ -590,7 +680,7 @@ def build_app(
     def load_model(name: str | None, folder: str | None, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         return load_model_page(engine, name, folder)
 
-    choices = available_models()
+    choices = engine.offered
     current = engine.model_name if engine.model_name in choices else None
     style = {"css": CSS} if _GRADIO_MAJOR < 6 else {}  # Gradio 6: launch(css=...)
     with gr.Blocks(title="smi-hub demo", analytics_enabled=False, **style) as app:
@@ -605,6 +695,7 @@ def build_app(
                 query = gr.Image(
                     label="Query image",
                     type="filepath",
+                    image_mode=None,  # no decoding by Gradio: the engine checks the size first
                     sources=["upload", "clipboard"],
                     height=280,
                     format="png",
@@ -645,24 +736,26 @@ def build_app(
                 model_dd = gr.Dropdown(
                     choices=choices,
                     value=current,
-                    label="Registered model (weights available here)",
+                    label="Model (offered by this demo)",
                     allow_custom_value=True,
                 )
                 model_path = gr.Textbox(
-                    label="...or a local weights folder (config.json + model.safetensors)",
+                    label="...or any weights folder, Hugging Face repo id or URL",
                     value="" if current else (engine.model_name if engine.model else ""),
                     placeholder="weights/my_model",
+                    visible=engine.allow_any_model,
                 )
                 load_btn = gr.Button("Load model")
             info = gr.Markdown(engine.status_markdown(), elem_id="model-status")
 
         inputs = [query, k_slider, map_type, alpha]
         outputs = [neighbours, qmap, status]
-        button.click(run_search, inputs, outputs, api_name="search")
-        query.change(run_search, inputs, outputs, **_hidden_api())
+        many = {"concurrency_limit": SEARCH_CONCURRENCY}
+        button.click(run_search, inputs, outputs, api_name="search", **many)
+        query.change(run_search, inputs, outputs, **_hidden_api(), **many)
         for control in (k_slider, alpha):
-            control.release(run_search, inputs, outputs, **_hidden_api())
-        map_type.change(run_search, inputs, outputs, **_hidden_api())
+            control.release(run_search, inputs, outputs, **_hidden_api(), **many)
+        map_type.change(run_search, inputs, outputs, **_hidden_api(), **many)
         load_btn.click(load_model, [model_dd, model_path], [info], api_name="load_model")
     app.smi_engine = engine  # type: ignore[attr-defined]
     return app
@@ -686,6 +779,7 @@ def launch(
         inbrowser=False,
         show_error=True,
         allowed_paths=allowed,
+        max_file_size=MAX_UPLOAD,
         prevent_thread_lock=prevent_thread_lock,
         quiet=quiet,
         ssr_mode=False,
@@ -699,21 +793,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
+        action="append",
         default=None,
-        help=f"registry name, weights folder, Hugging Face repo id or URL (default {DEFAULT_MODEL})",
+        help="registry name, weights folder, Hugging Face repo id or URL; repeat to offer "
+        f"several on the page, the first is loaded (default {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--allow-any-model",
+        action="store_true",
+        help="let visitors load any folder, repo id or URL on this machine (off by default)",
     )
     p.add_argument(
         "--gallery", default=None, help="folder of images (default: Fashion-MNIST test images)"
     )
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"query images with more pixels are refused (default {MAX_PIXELS:,})",
+    )
     return p
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on ``host:port`` (None if it can)."""
+    if not 1 <= port <= 65535:
+        return f"--port {port} is not a port number (1 to 65535)."
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        return (
+            f"cannot listen on {host}:{port} ({e.strerror or e}): the port is in use or the "
+            "address is not one of this machine's; pick another --port (or leave it out to "
+            "take the next free one) or --host."
+        )
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and serve the demo until interrupted."""
     args = build_parser().parse_args(argv)
-    app = build_app(model=args.model, gallery=args.gallery)
+    if args.port is not None and (problem := port_problem(args.host, args.port)):
+        print(f"smi-hub demo: error: {problem}", file=sys.stderr)
+        return 2
+    if args.max_pixels < 1:
+        print(
+            f"smi-hub demo: error: --max-pixels must be >= 1, got {args.max_pixels}.",
+            file=sys.stderr,
+        )
+        return 2
+    models = args.model or []
+    app = build_app(
+        model=models[0] if models else None,
+        gallery=args.gallery,
+        models=models[1:],
+        allow_any_model=args.allow_any_model,
+        max_pixels=args.max_pixels,
+    )
     engine: SearchEngine = app.smi_engine  # type: ignore[attr-defined]
     for problem in (engine.model_error, engine.gallery_error):
         if problem:

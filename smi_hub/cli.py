@@ -17,6 +17,101 @@ from typing import Any
 from smi_hub.errors import SMIHubError
 
 
+class UsageError(SMIHubError):
+    """A command-line argument that cannot work (exit status 2, before any work is done)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
+    return value
+
+
+def check_device(device: str) -> None:
+    """``UsageError`` unless ``device`` names a device that exists here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(
+            f"--device {device!r} is not a device name ({e}); use cpu, cuda, cuda:N or mps."
+        ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(
+                f"--device {device}: no CUDA GPU is usable here (torch.cuda.is_available() is "
+                "False); use --device cpu, or install a CUDA build of PyTorch on a GPU machine."
+            )
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(
+                f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0 to "
+                f"cuda:{count - 1})."
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {device}: MPS is not available here; use --device cpu.")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: smi-hub runs on cpu, cuda or mps.")
+
+
+def check_output(path: str, flag: str) -> None:
+    """``UsageError`` unless an output folder can be created or replaced at ``path``: checked
+    before any work so that a bad ``-o`` does not throw away a long computation."""
+    import tempfile
+
+    if not path.strip():
+        raise UsageError(f"{flag} is empty; give the folder to write, e.g. {flag} out/.")
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(
+            f"{flag} {out} exists and is not a folder; pick another path or remove the file."
+        )
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {out}: {parent} is a file, so no folder can be created there.")
+    for where in [out] * out.is_dir() + [parent]:
+        try:
+            Path(tempfile.mkdtemp(dir=where, prefix=".smi-hub-write-test.")).rmdir()
+        except OSError as e:
+            raise UsageError(
+                f"{flag} {out}: cannot write in {where} ({e.strerror or e}); pick a folder you "
+                "can write to."
+            ) from None
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks every argument that can be checked before the work starts (``UsageError``)."""
+    for attr in ("input", "folder", "index_dir", "checkpoint"):
+        if getattr(args, attr, None) == "":
+            raise UsageError(f"the {attr.upper()} argument is empty; give a path.")
+    if any(not q.strip() for q in getattr(args, "query", None) or []):
+        raise UsageError("a query argument is empty; give image paths.")
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    for attr, flag in (("out", "-o/--out"), ("out_dir", "OUT_DIR")):
+        if getattr(args, attr, None) is not None:
+            check_output(getattr(args, attr), flag)
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -27,8 +122,8 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_count, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -73,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="nearest neighbours of an image in an index")
     p.add_argument("index_dir")
     p.add_argument("query", nargs="+", help="query image(s)")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=_positive_int, default=5)
     _model_arg(p)
     p.add_argument("--device", default=None)
 
@@ -91,19 +186,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
 
     p = sub.add_parser("demo", help="start the Gradio demo (needs a source checkout)")
-    _model_arg(p)
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model the page offers (registry name, weights folder, repo id or URL); repeat "
+        "to offer several, the first is loaded (default: the embedded smi_resnet18_fmnist)",
+    )
+    p.add_argument(
+        "--allow-any-model",
+        action="store_true",
+        help="let visitors load any folder, repo id or URL on this machine (off by default)",
+    )
     p.add_argument("--gallery", default=None, help="folder of images (default: Fashion-MNIST)")
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--port", type=_port, default=None)
     p.add_argument("--host", default=None)
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="query size limit")
 
     p = sub.add_parser(
         "quickstart", help="index the default gallery, search held-out images, report k-NN"
     )
     _model_arg(p)
-    p.add_argument("--per-class", type=int, default=30, help="gallery images per class")
-    p.add_argument("--queries", type=int, default=3, help="queries to print")
-    p.add_argument("--eval", type=int, default=500, help="held-out images for k-NN accuracy")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--per-class", type=_positive_int, default=30, help="gallery images per class")
+    p.add_argument("--queries", type=_count, default=3, help="queries to print")
+    p.add_argument(
+        "--eval", type=_positive_int, default=500, help="held-out images for k-NN accuracy"
+    )
+    p.add_argument("-k", type=_positive_int, default=5)
     return parser
 
 
@@ -229,6 +338,9 @@ def cmd_index(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         amp_dtype=_amp(args),
     )
+    if len(result) == 0:
+        shown = "; ".join(reason for _, reason in result.failed[:3])
+        raise SMIHubError(f"no image in {args.folder} could be read ({shown}); nothing indexed.")
     index = EmbeddingIndex(metadata={"model": args.model, "layer": "pooled"})
     index.add(result.features, labels=[str(p) for p in result.paths])
     index.save(args.out)
@@ -326,10 +438,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     argv: list[str] = []
-    for flag in ("model", "gallery", "port", "host"):
+    for model in args.model or []:
+        argv += ["--model", model]
+    for flag in ("gallery", "port", "host", "max_pixels"):
         value = getattr(args, flag)
         if value is not None:
-            argv += [f"--{flag}", str(value)]
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.allow_any_model:
+        argv.append("--allow-any-model")
     return int(module.main(argv) or 0)
 
 
@@ -396,11 +512,17 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``smi-hub``; returns the exit status."""
+    """Entry point of ``smi-hub``; returns the exit status (2: bad arguments, checked before
+    any work; 1: the work failed, with the reason)."""
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
+    except UsageError as e:
+        print(f"smi-hub {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    try:
         return COMMANDS[args.command](args)
-    except (SMIHubError, KeyError, FileNotFoundError, ValueError) as e:
+    except (SMIHubError, KeyError, OSError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"smi-hub {args.command}: error: {message}", file=sys.stderr)
         return 1

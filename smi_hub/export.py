@@ -82,6 +82,7 @@ def training_summary(state: dict[str, Any]) -> dict[str, Any]:
         "loss_kwargs": loss.get("kwargs") or None,
         "dataset": dataset,
         "split": data.get("split"),
+        "subset": data.get("subset"),
         "epochs": train.get("epochs"),
         "batch_size": train.get("batch_size"),
         "optimizer": train.get("optimizer"),
@@ -128,7 +129,7 @@ def collect_results(
     for f in files:
         try:
             result = json.loads(Path(f).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"Results file {f} is unreadable: {e}") from e
         if not isinstance(result, dict):
             raise CheckpointError(f"Results file {f} must hold a JSON object.")

@@ -197,7 +197,9 @@ def test_empty_and_missing_gallery(env, tmp_path):
 
 
 def test_model_that_cannot_load(env, tmp_path):
-    eng = app.SearchEngine(tmp_path / "no_model", env["gallery"], cache_root=env["cache"])
+    eng = app.SearchEngine(
+        tmp_path / "no_model", env["gallery"], cache_root=env["cache"], allow_any_model=True
+    )  # what the page may load: tests/test_reliability_demo.py
     assert eng.model is None and "Could not load model" in eng.status_markdown()
     status = app.search_page(eng, str(first_image(env["gallery"])), 5, "similarity", 0.4)[2]
     assert "Could not load model" in status
@@ -279,19 +281,23 @@ def test_main_and_cli_start_the_app(env, monkeypatch):
     assert kw["server_name"] == "127.0.0.1" and kw["server_port"] == 7999
     assert kw["share"] is False and str(env["gallery"]) in kw["allowed_paths"]
     assert blocks.smi_engine.model_name == str(env["a"]) and len(blocks.smi_engine.index) == 30
-    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
     from smi_hub.cli import main as cli_main
 
+    # a user's environment without the variable: the app itself turns Gradio's analytics off
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
     assert cli_main(["demo", *argv, "--host", "0.0.0.0"]) == 0
     assert calls[-1][1]["server_name"] == "0.0.0.0" and calls[-1][1]["server_port"] is None
+    assert calls[-1][0].analytics_enabled is False and not gr.analytics.analytics_enabled()
     assert app.build_parser().parse_args([]).host == "127.0.0.1"
 
 
 def test_api_through_gradio_client(env):
     from gradio_client import Client, handle_file
 
-    demo = app.build_app(env["a"], env["gallery"], cache_root=env["cache"], progress=False)
+    demo = app.build_app(
+        env["a"], env["gallery"], cache_root=env["cache"], progress=False, allow_any_model=True
+    )
     assert isinstance(demo, app.gr.Blocks)
     port = free_port()
     app.launch(demo, port=port, prevent_thread_lock=True, quiet=True)

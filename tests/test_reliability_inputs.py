@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -253,7 +251,11 @@ def test_weights_folder_modes_follow_umask(tmp_path, umask):
         smi_hub.save_weights_folder(m, out)  # overwriting keeps the modes too
     finally:
         os.umask(before)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     for f in out.iterdir():
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
     for d in (out, out.parent):
@@ -404,7 +406,9 @@ def png_header_only(width: int, height: int, bit_depth: int = 1, color_type: int
     candidate that costs nothing to write."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return (
@@ -537,3 +541,195 @@ def test_symlink_to_image_is_read(tmp_path):
     (g / "link.png").symlink_to(g / "a" / "0.png")
     assert load_image(g / "link.png").size == (28, 28)
     assert g / "link.png" in list_images(g)
+
+
+# ============================================================================================
+# CLI: every user error is a message and an exit status, checked before any work
+# ============================================================================================
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command loads a model or extracts anything."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the command started working before checking its arguments")
+
+    import smi_hub.features
+    import smi_hub.hub
+
+    monkeypatch.setattr(smi_hub.hub, "load", forbidden)
+    monkeypatch.setattr(smi_hub.features, "extract_features", forbidden)
+
+
+def _cli_commands(tmp_path: Path, weights: Path) -> dict[str, list[str]]:
+    g = small_gallery(tmp_path / "g")
+    return {
+        "extract": ["extract", str(g), "-o", str(tmp_path / "out"), "--model", str(weights)],
+        "index": ["index", str(g), "-o", str(tmp_path / "idx"), "--model", str(weights)],
+        "search": ["search", str(tmp_path / "idx"), str(g / "a" / "0.png")],
+    }
+
+
+DEVICES = {
+    "banana": ("banana", "is not a device name"),
+    "cuda_99": ("cuda:99", "--device cuda:99"),
+    "cuda_text_index": ("cuda:x", "is not a device name"),
+    "meta": ("meta", "runs on cpu, cuda or mps"),
+    "cuda_without_gpu": ("cuda", "no CUDA GPU is usable here"),
+}
+
+
+@pytest.mark.parametrize("command", ["extract", "index", "search"])
+@pytest.mark.parametrize("case", list(DEVICES))
+def test_bad_device_exit_2(tmp_path, weights, capsys, no_work, command, case):
+    device, expected = DEVICES[case]
+    argv = [*_cli_commands(tmp_path, weights)[command], "--device", device]
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        expected = None  # a GPU machine: the device is fine, the (forbidden) work starts
+    if expected is None:
+        with pytest.raises(AssertionError, match="started working"):
+            main(argv)
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"smi-hub {command}: error:" in err and expected in err, err
+
+
+def _outputs(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    afile = tmp_path / "taken.txt"
+    afile.write_text("keep me")
+    return {
+        "existing_file": (str(afile), "exists and is not a folder"),
+        "below_a_file": (str(afile / "sub"), "is a file"),
+        "read_only": ("/sys/smi-hub-test-out", "cannot write in /sys"),
+        "empty": ("", "is empty"),
+        "blank": ("  ", "is empty"),
+    }
+
+
+@pytest.mark.parametrize("command", ["extract", "index", "export"])
+@pytest.mark.parametrize("case", ["existing_file", "below_a_file", "read_only", "empty", "blank"])
+def test_bad_output_checked_before_work(tmp_path, weights, capsys, no_work, command, case):
+    out, expected = _outputs(tmp_path)[case]
+    if command == "export":
+        ckpt = tmp_path / "last.pt"
+        ckpt.write_bytes(b"never read")
+        argv = ["export", str(ckpt), out]
+    else:
+        argv = _cli_commands(tmp_path, weights)[command]
+        argv[argv.index("-o") + 1] = out
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert (tmp_path / "taken.txt").read_text() == "keep me"
+
+
+EMPTY_INPUTS = {
+    "extract_input": lambda t: ["extract", "", "-o", str(t / "o")],
+    "index_folder": lambda t: ["index", "", "-o", str(t / "o")],
+    "search_index": lambda t: ["search", "", "q.png"],
+    "search_query": lambda t: ["search", str(t), ""],
+    "export_checkpoint": lambda t: ["export", "", str(t / "o")],
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_INPUTS))
+def test_empty_input_path(tmp_path, capsys, no_work, case):
+    assert main(EMPTY_INPUTS[case](tmp_path)) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+BAD_NUMBERS = {
+    "search_k_0": ["search", "idx", "q.png", "-k", "0"],
+    "search_k_negative": ["search", "idx", "q.png", "-k", "-3"],
+    "search_k_text": ["search", "idx", "q.png", "-k", "all"],
+    "quickstart_k_0": ["quickstart", "-k", "0"],
+    "quickstart_eval_0": ["quickstart", "--eval", "0"],
+    "quickstart_eval_negative": ["quickstart", "--eval", "-5"],
+    "quickstart_per_class_0": ["quickstart", "--per-class", "0"],
+    "quickstart_queries_negative": ["quickstart", "--queries", "-1"],
+    "extract_batch_size_0": ["extract", "x", "-o", "o", "--batch-size", "0"],
+    "index_workers_negative": ["index", "x", "-o", "o", "--workers", "-2"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NUMBERS))
+def test_bad_numbers_are_usage_errors(capsys, no_work, case):
+    with pytest.raises(SystemExit) as e:
+        main(BAD_NUMBERS[case])
+    assert e.value.code == 2
+    flag = BAD_NUMBERS[case][-2]
+    assert f"error: argument {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["extract", "index"])
+def test_folder_of_only_bad_files_fails(tmp_path, weights, capsys, command):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_text("not a png")
+    (bad / "y.jpg").write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        code = main([command, str(bad), "-o", str(tmp_path / "out"), "--model", str(weights)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "x.png" in err or "2 unreadable" in err or "no input could be read" in err, err
+
+
+RESULTS = {
+    "not_json": (b"{oops", "not_json.json"),
+    "binary": (b"\x00\xff\x00", "binary.json"),
+    "json_list": (b"[1, 2]", "json_list.json"),
+    "missing": (None, "missing.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESULTS))
+def test_export_results_file_named(tmp_path, weights, capsys, case):
+    data, name = RESULTS[case]
+    model = smi_hub.load(weights)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(
+        {
+            "format": "smi-hub-checkpoint",
+            "version": 1,
+            "model": model.state_dict(),
+            "model_config": model.config,
+            "config": {"loss": {"name": "smi"}, "train": {"epochs": 1}},
+            "epoch": 1,
+            "step": 10,
+        },
+        ckpt,
+    )
+    results = tmp_path / name
+    if data is not None:
+        results.write_bytes(data)
+    assert main(["export", str(ckpt), str(tmp_path / "out"), "--results", str(results)]) == 1
+    assert str(results) in capsys.readouterr().err
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_user_error_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smi_hub.cli",
+            "extract",
+            str(tmp_path),
+            "-o",
+            "",
+            "--device",
+            "banana",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("smi-hub extract: error:")
