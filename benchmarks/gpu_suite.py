@@ -188,17 +188,19 @@ def run_step(
         signal.setitimer(signal.ITIMER_REAL, max(budget_s + grace_s, 0.01))
     t0 = time.monotonic()
     try:
-        fn(Step(suite, record, budget_s))
-        record["status"] = "ok"
+        try:
+            fn(Step(suite, record, budget_s))
+            record["status"] = "ok"
+        finally:  # disarmed before any handler runs: no alarm can escape this function
+            if hard:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
     except StepTimeout as e:
         record["status"], record["timeout"] = "timed_out", str(e)
     except Exception as e:  # a failed step must not stop the others
         record["status"], record["error"] = "error", f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc(limit=8)[-4000:]
     finally:
-        if hard:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
         record["elapsed_s"] = round(time.monotonic() - t0, 2)
         _free_memory(suite.device)
         suite.save()
@@ -549,8 +551,8 @@ def step_extraction(step: Step) -> None:
         f"get_transforms(model) to {cfg['image_size']} px, float32 on the host",
         "model": f"{cfg['arch']} (random init; speed does not depend on the weights); plain = "
         "torchvision's model with the same backbone weights",
-        "timing": f"best of {reps} passes over all images, ours and plain alternating "
-        "(benchmarks/extract.py paired), features copied back to the host",
+        "timing": f"best of {reps} passes over all images ({min(reps, 2)} from files), ours "
+        "and plain alternating (benchmarks/extract.py paired), features copied to the host",
         "file_workers": workers,
     }
     res["rows"] = []
@@ -613,7 +615,7 @@ def step_extraction(step: Step) -> None:
                 amp_dtype=bf16, progress=False,
             )  # fmt: skip
 
-        t_plain, t_ours = extract_bench.paired(plain_files, ours_files, reps)
+        t_plain, t_ours = extract_bench.paired(plain_files, ours_files, min(reps, 2))
         add(f"PNG files, DataLoader {workers} workers, bf16 channels_last", t_plain, t_ours)
 
 

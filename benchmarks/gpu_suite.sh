@@ -5,8 +5,8 @@
 #
 # Runs from the checkout with PYTHONPATH=. and no install (the GPU machine has torch,
 # torchvision, safetensors, huggingface_hub, PyYAML and tqdm but no network). OUT_DIR defaults
-# to $OUT, else gpu_results/; it receives results.json (rewritten after every measurement),
-# suite.log and the exported model folder: at most 7 files. Fashion-MNIST is read from
+# to $OUT, else runs/gpu_suite/ (ignored); it receives results.json (rewritten after every
+# measurement), suite.log and the exported model folder: at most 7 files. Fashion-MNIST is from
 # $SMI_FASHION_MNIST_DIR, else data/fashion-mnist/ (an ignored folder that travels with the
 # checkout: `make gpu-data` fills it), else Debian's /usr/share/datasets/fashion-mnist/.
 # The step budgets sum to 515 s; `timeout` stops everything at 590 s whatever happens.
@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 command="bash benchmarks/gpu_suite.sh $*"
 
-out_dir="${OUT:-gpu_results}"
+out_dir="${OUT:-runs/gpu_suite}"
 if [[ $# -gt 0 && "$1" != -* ]]; then
   out_dir="$1"
   shift
