@@ -70,7 +70,7 @@ def advises_unpickling(message: str) -> bool:
 # (test id, overrides, fragments the message must contain: the key, the value, the range)
 CONFIG_CASES = [
     ("grad_clip_negative", ["train.grad_clip=-1"], ["train.grad_clip", "-1.0", "(0, inf)"]),
-    ("grad_clip_zero", ["train.grad_clip=0"], ["train.grad_clip", "0.0", "(0, inf)"]),
+    ("grad_clip_zero", ["train.grad_clip=0"], ["train.grad_clip", "0.0", "null: no clipping"]),
     ("grad_clip_nan", ["train.grad_clip=.nan"], ["train.grad_clip", "nan"]),
     ("max_steps_zero", ["train.max_steps=0"], ["train.max_steps", "got 0", "[1, inf)"]),
     ("max_steps_negative", ["train.max_steps=-5"], ["train.max_steps", "-5", "[1, inf)"]),

@@ -248,6 +248,7 @@ class Range:
     hi: float = math.inf
     lo_open: bool = False
     hi_open: bool = False
+    note: str = ""
 
     def __str__(self) -> str:
         def fmt(x: float) -> str:
@@ -264,7 +265,8 @@ class Range:
         below = value < self.hi if self.hi_open else value <= self.hi
         if not (math.isfinite(value) and above and below):
             kind = "an integer" if isinstance(value, int) else "a finite number"
-            raise ConfigError(f"{key}: must be {kind} in {self}, got {value!r}.")
+            note = f" ({self.note})" if self.note else ""
+            raise ConfigError(f"{key}: must be {kind} in {self}, got {value!r}{note}.")
 
 
 POSITIVE = Range(0.0, lo_open=True)
@@ -281,7 +283,7 @@ RANGES: dict[str, Range] = {
     "model.projector_dims": Range(2, 65536),
     "model.mean": PROBABILITY,
     "model.std": POSITIVE,
-    "data.subset": COUNT,
+    "data.subset": Range(1, note="null: the whole dataset"),
     "data.num_workers": NON_NEGATIVE,
     "data.max_bad_fraction": Range(0.0, 1.0, hi_open=True),
     "data.augment.crop_scale": Range(0.0, 1.0, lo_open=True),
@@ -292,16 +294,16 @@ RANGES: dict[str, Range] = {
     "data.augment.blur_sigma": POSITIVE,
     "data.augment.solarize_prob": PROBABILITY,
     "train.epochs": COUNT,
-    "train.batch_size": Range(2),  # the losses and BatchNorm need at least 2 images
+    "train.batch_size": Range(2, note="the losses and BatchNorm need at least 2 images"),
     "train.lr": POSITIVE,
     "train.weight_decay": NON_NEGATIVE,
     "train.momentum": Range(0.0, 1.0, hi_open=True),
     "train.lars_eta": POSITIVE,
     "train.bias_bn_lr_ratio": POSITIVE,
     "train.min_lr_ratio": PROBABILITY,
-    "train.grad_clip": POSITIVE,
+    "train.grad_clip": Range(0.0, lo_open=True, note="null: no clipping"),
     "train.max_nonfinite": COUNT,
-    "train.max_steps": COUNT,
+    "train.max_steps": Range(1, note="null: no cap"),
     "checkpoint.every_steps": COUNT,
     "checkpoint.keep_last": COUNT,
     "log.every_steps": COUNT,

@@ -375,7 +375,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                     scaler.scale(loss * ws).backward()
                     scaler.unscale_(optimizer)
                     params = [p for p in model.parameters() if p.grad is not None]
-                    max_norm = cfg.train.grad_clip if cfg.train.grad_clip else math.inf
+                    max_norm = math.inf if cfg.train.grad_clip is None else cfg.train.grad_clip
                     gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                     if scaler.is_enabled():
                         scaler.step(optimizer)  # skips by itself on inf gradients
