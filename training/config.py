@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 
+from smi_hub.fileio import atomic_write_text
 from smi_hub.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 
 LOSS_NAMES = ("smi", "barlow_twins", "vicreg")
@@ -534,7 +535,4 @@ def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
 
 def save_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    os.replace(tmp, p)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
