@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -50,6 +51,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,9 +61,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import extract as extract_bench  # noqa: E402
-from benchmarks import loss_cost  # noqa: E402
-from benchmarks.train_step import Runner, real_batch  # noqa: E402
+
+def _sibling(name: str) -> types.ModuleType:
+    """A benchmark script next to this one, loaded from its file (``benchmarks/`` is no
+    package, and an installed package of that name must not shadow it)."""
+    spec = importlib.util.spec_from_file_location(
+        f"smi_benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+extract_bench = _sibling("extract")
+loss_cost = _sibling("loss_cost")
+train_bench = _sibling("train_step")
 
 STEPS = ("environment", "train_step", "loss_cost", "extraction", "fmnist_training")
 LOSSES = ("smi", "barlow_twins", "vicreg")
@@ -343,7 +358,7 @@ def step_environment(step: Step) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _timed_step(runner: Runner, a: torch.Tensor, b: torch.Tensor) -> float:
+def _timed_step(runner: train_bench.Runner, a: torch.Tensor, b: torch.Tensor) -> float:
     _sync(runner.device)
     t0 = time.perf_counter()
     runner.step(a, b)
@@ -402,7 +417,9 @@ def _train_rows(step: Step, times: dict[str, list[float]], compiled: bool) -> No
     step.save()
 
 
-def _alternate(step: Step, runners: list[Runner], a, b, warmup: int, steps: int, compiled: bool):
+def _alternate(
+    step: Step, runners: list[train_bench.Runner], a, b, warmup: int, steps: int, compiled: bool
+):
     """Steps of every objective in turn, round by round; rows updated after every round."""
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for i in range(warmup + steps):
@@ -444,12 +461,12 @@ def step_train(step: Step) -> None:
         projector=cfg["projector"], image_size=cfg["image_size"],
         channels_last=cfg["channels_last"], precision=cfg["precision"], seed=0,
     )  # fmt: skip
-    x = real_batch(cfg["batch_size"], cfg["image_size"]).to(device)
+    x = train_bench.real_batch(cfg["batch_size"], cfg["image_size"]).to(device)
     fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     a, b = x.contiguous(memory_format=fmt), torch.flip(x, dims=[3]).contiguous(memory_format=fmt)
     for name in LOSSES:  # memory and FLOPs, one model alive at a time
         step.check()
-        runner = Runner(ns, name, device)
+        runner = train_bench.Runner(ns, name, device)
         runner.step(a, b)
         mem = _peak_memory(lambda r=runner: r.step(a, b), device)
         with FlopCounterMode(display=False) as counter:
@@ -461,7 +478,7 @@ def step_train(step: Step) -> None:
         step.save()
         del runner
         _free_memory(device)
-    runners = [Runner(ns, name, device) for name in LOSSES]
+    runners = [train_bench.Runner(ns, name, device) for name in LOSSES]
     _alternate(step, runners, a, b, cfg["warmup"], cfg["steps"], compiled=False)
     if step.left() < cfg["min_compile_s"]:
         res["compile"] = (
