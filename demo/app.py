@@ -1,9 +1,11 @@
 """smi-hub Gradio demo: nearest gallery images and localization maps of a query image.
 
-Start it with ``smi-hub demo [--model NAME_OR_PATH] [--gallery DIR] [--port N] [--host H]`` or
-``python demo/app.py [...]``. It binds 127.0.0.1 by default, sends no analytics and uses no
-network: the default model is the embedded ``smi_resnet18_fmnist`` and the default gallery is
-built from the installed Fashion-MNIST test split (``smi_hub.default_gallery()``).
+Start it with ``smi-hub demo [--model NAME_OR_PATH ...] [--allow-any-model] [--gallery DIR]
+[--port N] [--host H] [--max-pixels N]`` or ``python demo/app.py [...]``. It binds 127.0.0.1 by
+default, sends no analytics and uses no network: the default model is the embedded
+``smi_resnet18_fmnist`` and the default gallery is built from the installed Fashion-MNIST test
+split (``smi_hub.default_gallery()``). Visitors can load only the models the page offers (the
+available registry models and every ``--model``) unless ``--allow-any-model`` is given.
 
 The work is done by :class:`SearchEngine` (no Gradio in it, unit-tested directly); :func:`build_app`
 wires it to the page and :func:`main` parses the command line and launches the server.
