@@ -114,7 +114,7 @@ def gallery_signature(gallery: Path, files: Sequence[Path]) -> str:
     """sha256 of the gallery's file list with sizes and modification times."""
     rows = []
     for p in files:
-        st = p.stat()
+        st = p.stat() if p.exists() else p.lstat()  # a broken link is listed, and skipped
         rows.append([p.relative_to(gallery).as_posix(), st.st_size, st.st_mtime_ns])
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
@@ -542,7 +542,8 @@ def example_images(engine: SearchEngine, n: int = EXAMPLES) -> list[str]:
         return []
     by_class: dict[str, list[Path]] = {}
     for p in engine.files:
-        by_class.setdefault(class_label(p, engine.gallery), []).append(p)
+        if p.is_file():
+            by_class.setdefault(class_label(p, engine.gallery), []).append(p)
     picked: list[str] = []
     depth = 0
     while len(picked) < n and any(len(v) > depth for v in by_class.values()):

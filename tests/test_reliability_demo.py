@@ -252,6 +252,28 @@ class _nothing:
         return False
 
 
+def test_gallery_with_broken_link_and_locked_folder(env, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    gallery = Path(shutil.copytree(env["gallery"], tmp_path / "g"))
+    (gallery / "Bag" / "dead.png").symlink_to(tmp_path / "nowhere.png")
+    (gallery / "locked").mkdir()
+    scandir = os.scandir
+
+    def denied(path="."):
+        if Path(path) == gallery / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)  # what chmod 000 does (root ignores chmod)
+    eng = app.SearchEngine(str(env["a"]), gallery, cache_root=tmp_path / "c", progress=False)
+    assert eng.gallery_error is None and len(eng.index) == 10
+    assert sorted(name for name, _ in eng.skipped) == ["dead.png", "locked"]
+    assert "Skipped 2 unreadable" in eng.status_markdown()
+    assert all(Path(p).is_file() for p in app.example_images(eng))
+
+
 def test_self_check_at_start(env):
     eng = app.SearchEngine(
         str(env["const"]), env["gallery"], cache_root=env["cache"], progress=False
