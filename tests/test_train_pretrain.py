@@ -89,6 +89,38 @@ def test_tiny_pretraining_run_writes_the_run_directory(tmp_path):
         assert np.isfinite(epochs[-1][key])
 
 
+@pytest.mark.slow
+def test_pretraining_learns_compared_with_a_no_update_control(tmp_path, monkeypatch):
+    """Same data, views and initial weights; the control's optimizer never steps."""
+    extra = ("train.epochs=2", "train.warmup_epochs=0", "log.every_steps=1")
+    pretrain.train(tiny_config(tmp_path / "learn", *extra))
+    real_build = pretrain.build_optimizer
+
+    def frozen(*args, **kwargs):
+        opt = real_build(*args, **kwargs)
+        opt.step = lambda closure=None: None
+        return opt
+
+    monkeypatch.setattr(pretrain, "build_optimizer", frozen)
+    pretrain.train(tiny_config(tmp_path / "control", *extra))
+    runs = {}
+    for name in ("learn", "control"):
+        records = read_jsonl(tmp_path / name / "metrics.jsonl")
+        losses = [r["loss"] for r in records if r["type"] == "train"]
+        runs[name] = (losses, load_checkpoint(tmp_path / name))
+    (learn, learned), (control, untouched) = runs["learn"], runs["control"]
+    assert len(learn) == len(control) == 8
+    assert learn[0] == control[0]  # the first step sees the same batch and weights
+    # the parameters move: every weight tensor of the backbone and projector
+    weights = [k for k, v in learned["model"].items() if v.dtype.is_floating_point]
+    weights = [k for k in weights if not k.endswith(("running_mean", "running_var"))]
+    moved = [k for k in weights if not torch.equal(learned["model"][k], untouched["model"][k])]
+    assert moved == weights
+    # the loss falls on the same batches: every late step below the control's
+    assert all(a < b for a, b in zip(learn[4:], control[4:], strict=True)), (learn, control)
+    assert sum(learn[4:]) / 4 < sum(control[4:]) / 4 - 0.05 * abs(sum(control[4:]) / 4)
+
+
 @pytest.mark.parametrize("loss", ["barlow_twins", "vicreg"])
 def test_baselines_train_with_the_same_pipeline(tmp_path, loss):
     out = tmp_path / loss
@@ -186,19 +218,43 @@ def test_mostly_unreadable_dataset_stops_with_clear_error(tmp_path, fmnist_test,
     assert "mostly unreadable" in capsys.readouterr().err
 
 
-def test_grayscale_and_rgba_go_through_the_same_pipeline(tmp_path, fmnist_test):
+def test_grayscale_and_transparent_images_go_through_the_same_pipeline(tmp_path, fmnist_test):
+    """A transparent pixel is white (composited on white) whatever the mode, and an image
+    reaches the augmentations as the same RGB picture in every mode."""
     images, _ = fmnist_test
-    root = tmp_path / "modes" / "c"
-    root.mkdir(parents=True)
-    Image.fromarray(images[0], mode="L").save(root / "gray.png")
-    Image.fromarray(images[1], mode="L").convert("RGBA").save(root / "rgba.png")
-    Image.fromarray(images[2], mode="L").convert("P").save(root / "palette.png")
-    cfg = load_config(CONFIG, ["data.source=imagefolder", f"data.path={root.parent}"])
-    ds = pretrain.build_train_dataset(cfg)
-    for i in range(len(ds)):
-        a, b, skipped = ds[i]
+    gray = images[0].copy()
+    clear = np.zeros_like(gray, dtype=bool)
+    clear[:, :10] = True  # the left third is fully transparent
+    expected = gray.copy()
+    expected[clear] = 255
+    alpha = np.where(clear, 0, 255).astype(np.uint8)
+    hidden = np.where(clear, 0, gray).astype(np.uint8)  # black under the transparent pixels
+    rgba = np.stack([hidden, hidden, hidden, alpha], axis=-1)
+    # palette index i is gray level i; index 1 is transparent, so opaque pixels use >= 2
+    palette = Image.fromarray(np.where(clear, 1, np.maximum(hidden, 2)).astype(np.uint8), "P")
+    palette.putpalette([v for i in range(256) for v in (i, i, i)])
+    files = {
+        "gray": Image.fromarray(expected, mode="L"),
+        "rgba": Image.fromarray(rgba, mode="RGBA"),
+        "la": Image.fromarray(np.stack([hidden, alpha], axis=-1), mode="LA"),
+        "palette": palette,
+    }
+    views = {}
+    for name, image in files.items():
+        root = tmp_path / name / "c"
+        root.mkdir(parents=True)
+        image.save(root / "img.png", **({"transparency": 1} if name == "palette" else {}))
+        cfg = load_config(CONFIG, ["data.source=imagefolder", f"data.path={root.parent}"])
+        ds = pretrain.build_train_dataset(cfg)
+        rgb = np.asarray(ds.base[0][0])
+        reference = np.where(clear, 255, np.maximum(gray, 2)) if name == "palette" else expected
+        assert rgb.shape == (28, 28, 3) and (rgb == reference[..., None]).all(), name
+        a, b, skipped = ds[0]
         assert a.shape == b.shape == (3, 28, 28) and skipped == 0
-        assert torch.isfinite(a).all()
+        views[name] = (a, b)
+    for name in ("rgba", "la"):  # identical pictures get identical views (same seed, index)
+        assert torch.equal(views[name][0], views["gray"][0]), name
+        assert torch.equal(views[name][1], views["gray"][1]), name
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
