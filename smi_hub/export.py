@@ -83,7 +83,6 @@ def training_summary(state: dict[str, Any]) -> dict[str, Any]:
         "dataset": dataset,
         "split": data.get("split"),
         "subset": data.get("subset"),
-        "subset": data.get("subset"),
         "epochs": train.get("epochs"),
         "batch_size": train.get("batch_size"),
         "optimizer": train.get("optimizer"),

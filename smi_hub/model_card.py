@@ -89,9 +89,16 @@ def card_data(config: dict[str, Any], name: str) -> Any:
 
 
 def usage_snippet(config: dict[str, Any], name: str, repo_id: str | None) -> list[str]:
-    """Python lines that load these weights: by repo id when published, else the folder."""
-    source = repo_id or f"path/to/{name}"
-    comment = "  # the Hugging Face repo" if repo_id else "  # the folder holding this card"
+    """Python lines that load these weights: by repo id when published, by registry name for
+    registered models, else from the folder holding the card."""
+    from smi_hub.registry import REGISTRY
+
+    if repo_id:
+        source, comment = repo_id, "  # the Hugging Face repo"
+    elif name in REGISTRY:
+        source, comment = name, "  # registered name (smi_hub.list_models())"
+    else:
+        source, comment = f"path/to/{name}", "  # the folder holding this card"
     lines = ["import smi_hub", "", f'model = smi_hub.load("{source}"){comment}']
     if config.get("num_classes"):
         lines += [

@@ -173,7 +173,7 @@ REGISTRY: dict[str, ModelEntry] = {
             epochs=5,
             resize_ratio=1.0,
             # sha256 of smi_hub/weights/smi_resnet18_fmnist/model.safetensors, checked on load
-            sha256="bf0cadc6cd400d4daa646e5fe00e3e66c685c14eb0108f232760c7de2a582d97",
+            sha256="60f268e893577d7d1abc2d7e3ab91b8da8d2ccca427597c4dd52080a52f3fdc5",
         ),
         *(
             ModelEntry(
