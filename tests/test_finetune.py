@@ -194,3 +194,29 @@ def test_bf16_frozen_backbone_and_random_init(tmp_path):
     assert all(torch.equal(bs[k], ts[k]) for k in bs)
     rnd = ft.build_model(FinetuneConfig(random_init=True), 10, [str(i) for i in range(10)])
     assert not torch.equal(rnd.conv1.weight, base.conv1.weight)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_process_gloo(tmp_path):
+    """torchrun DDP on CPU (gloo): the global batch is split over the ranks, rank 0 writes the
+    classifier folder, and the result loads strictly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+        "-m", "training.finetune", "--out", str(out), "--device", "cpu", "--train-subset", "160",
+        "--test-subset", "64", "--epochs", "1", "--batch-size", "32", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["world_size"] == 2
+    assert metrics["settings"]["steps"] == 4  # 144 training images // global batch 32
+    assert smi_hub.load(out).num_classes == 10
