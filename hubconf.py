@@ -3,9 +3,12 @@
     model = torch.hub.load("smi-hub/smi-hub", "smi_default")            # embedded default
     model = torch.hub.load(repo_dir, "smi_resnet18", source="local", weights="https://...")
 
-Every entry takes ``pretrained`` (False: random weights of the architecture), ``device``, and
+Every entry takes ``pretrained`` (False: random weights of the architecture), ``device``,
+``num_classes`` (a fresh classifier head on the features, as timm's ``num_classes``), and
 ``weights``: a weights folder, Hugging Face repo id or URL (``#sha256=`` pinned) to load
 instead of the registered weights (its architecture must match the entry's).
+
+    model = torch.hub.load("smi-hub/smi-hub", "smi_default", num_classes=10)  # to fine-tune
 """
 
 from __future__ import annotations
