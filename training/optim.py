@@ -90,8 +90,10 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """``lars``, ``sgd`` (Nesterov-free momentum SGD) or ``adamw`` over :func:`param_groups`.
 
-    ``bias_bn_lr_ratio`` scales the LR of the excluded group (biases, norm weights); Barlow
-    Twins uses 0.0048 / 0.2 = 0.024 with LARS."""
+    ``bias_bn_lr_ratio`` scales the LR of the excluded group (biases, norm weights): Barlow
+    Twins trains them at 0.0048 against 0.2 for the weights (ratio 0.024), VICReg at the
+    weights' LR (ratio 1). Both references exclude exactly the tensors with ``ndim == 1`` from
+    weight decay and LARS adaptation, as :func:`param_groups` does."""
     groups = param_groups(model, weight_decay, exclude_bias_bn)
     for g in groups:
         g["lr"] = lr if g["lars"] or not exclude_bias_bn else lr * bias_bn_lr_ratio
