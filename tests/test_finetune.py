@@ -220,3 +220,30 @@ def test_torchrun_two_process_gloo(tmp_path):
     assert metrics["settings"]["world_size"] == 2
     assert metrics["settings"]["steps"] == 4  # 144 training images // global batch 32
     assert smi_hub.load(out).num_classes == 10
+
+
+def _image_folder(root, per_class=12):
+    """root/<class>/<i>.png of real Fashion-MNIST images of three classes."""
+    images, labels = fashion_mnist.load_arrays("train")
+    for folder, name in (("coat", "Coat"), ("sandal", "Sandal"), ("bag", "Bag")):
+        (root / folder).mkdir(parents=True)
+        c = list(fashion_mnist.CLASSES).index(name)
+        for i in np.flatnonzero(labels == c)[:per_class]:
+            Image.fromarray(images[i]).save(root / folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_source_and_class_names(tmp_path):
+    data = _image_folder(tmp_path / "data")
+    cfg = FinetuneConfig(
+        out=str(tmp_path / "o"), data="imagefolder", data_path=str(data), test_split=None,
+        max_steps=2, batch_size=8, val_fraction=0.25, progress=False,
+    )  # fmt: skip
+    result = ft.finetune(cfg)
+    assert "top1" not in result["metrics"] and result["settings"]["val_images"] == 9
+    model = smi_hub.load(tmp_path / "o")
+    assert model.class_names == ["bag", "coat", "sandal"]  # ImageFolder's sorted folders
+    (data / "loose.png").write_bytes(next((data / "bag").iterdir()).read_bytes())
+    with pytest.raises(FinetuneError, match="unlabelled images"):
+        ft.finetune(FinetuneConfig(out=str(tmp_path / "p"), data="imagefolder",
+                                   data_path=str(data), test_split=None, progress=False))  # fmt: skip
