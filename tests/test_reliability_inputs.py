@@ -715,6 +715,7 @@ def test_export_results_file_named(tmp_path, weights, capsys, case):
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch (about 10 s)
 def test_user_error_has_no_traceback(tmp_path):
     import subprocess
     import sys
