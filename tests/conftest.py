@@ -1,9 +1,16 @@
-"""Shared test setup. Real images come from installed packages (see docs/data.md)."""
+"""Shared test setup. Real images come from installed packages (see docs/data.md).
+
+Nothing skips silently: a skipped test fails the run unless it is marked ``gpu`` (it needs
+CUDA, which CI's CPU machine lacks). A missing dev dependency or dataset is an error.
+"""
 
 import pytest
 import torch
 
 from smi_hub import fashion_mnist
+
+pytest_plugins = ["pytester"]
+_unexpected_skips: list[str] = []
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +25,30 @@ def fmnist_test():
         return fashion_mnist.load_arrays("test")
     except FileNotFoundError as e:  # a missing install step is an error, not a skip
         pytest.fail(str(e))
+
+
+def _record_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and "gpu" not in report.keywords:
+        _record_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:  # a module-level skip (importorskip at import time)
+        _record_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _unexpected_skips:
+        terminalreporter.section("skipped tests not marked gpu (the run fails)", red=True)
+        for line in _unexpected_skips:
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
