@@ -19,6 +19,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import socket
@@ -301,19 +302,22 @@ class SearchEngine:
                 if self.model is None:
                     self.model_error = msg
             raise DemoError(msg) from e
-        with self.lock:
-            before = {a: getattr(self, a) for a in _MODEL_STATE}
-            self.model, self.model_name, self.model_key = loaded, name, key
-            try:
-                if self.gallery_error is None and self.gallery is not None:
-                    self._build_index()
-            except Exception as e:  # e.g. a model that cannot embed these images
-                for a, v in before.items():
-                    setattr(self, a, v)
-                msg = f"Could not index the gallery with model {name!r}: {type(e).__name__}: {e}"
+        # the new model's gallery index is built on a copy, without holding the lock: searches
+        # go on with the current model meanwhile, then the new state is swapped in at once
+        staged = copy.copy(self)
+        staged.model, staged.model_name, staged.model_key = loaded, name, key
+        try:
+            if staged.gallery_error is None and staged.gallery is not None:
+                staged._build_index()
+        except Exception as e:  # e.g. a model that cannot embed these images
+            msg = f"Could not index the gallery with model {name!r}: {type(e).__name__}: {e}"
+            with self.lock:
                 if self.model is None:
                     self.model_error = msg
-                raise DemoError(msg) from e
+            raise DemoError(msg) from e
+        with self.lock:
+            for attr in _MODEL_STATE:
+                setattr(self, attr, getattr(staged, attr))
             self.model_error = None
         return self.status_markdown()
 

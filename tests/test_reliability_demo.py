@@ -371,6 +371,37 @@ def test_decoding_outside_the_engine_lock(env, monkeypatch):
     assert len(results["slow"][0]) == 3
 
 
+def test_model_load_does_not_block_searches(env, tmp_path, monkeypatch):
+    """While a new model embeds the gallery, searches go on with the current model."""
+    eng = make_engine(env)
+    eng.cache_root = tmp_path / "fresh"  # the new model's gallery index must be computed
+    query = first_image(env["gallery"])
+    entered, release = threading.Event(), threading.Event()
+    real = app.smi_hub.extract_features
+
+    def extract(model, images, **kw):
+        if model is not eng.model and len(images) == len(eng.files):  # the new model's index
+            entered.set()
+            assert release.wait(60)
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(app.smi_hub, "extract_features", extract)
+    loader = threading.Thread(target=lambda: app.load_model_page(eng, str(env["b"]), ""))
+    loader.start()
+    try:
+        assert entered.wait(60)
+        assert eng.model_name == str(env["a"])
+        found = {}
+        search = threading.Thread(target=lambda: found.setdefault("r", eng.run(str(query), 3)))
+        search.start()
+        search.join(120)
+        assert "r" in found and len(found["r"][0]) == 3
+    finally:
+        release.set()
+        loader.join(120)
+    assert eng.model_name == str(env["b"]) and eng.index_dir.parent == tmp_path / "fresh"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
