@@ -178,6 +178,102 @@ def test_design_defaults_of_baselines():
     assert (vic.sim_weight, vic.var_weight, vic.cov_weight) == (25.0, 25.0, 1.0)
 
 
+@pytest.mark.parametrize(
+    "loss, naive, documented",
+    [
+        (
+            SMILoss,
+            naive_smi,
+            {"lambda_offdiag": 8.0, "diag_weight": 1.0, "eps": 0.1, "std_eps": 1e-5},
+        ),
+        (BarlowTwinsLoss, naive_barlow_twins, {"lambd": 0.0051, "bn_eps": 1e-5}),
+        (
+            VICRegLoss,
+            naive_vicreg,
+            {"sim_weight": 25.0, "var_weight": 25.0, "cov_weight": 1.0, "gamma": 1.0, "eps": 1e-4},
+        ),
+    ],
+)
+def test_defaults_are_the_documented_values(loss, naive, documented):
+    """The defaults (docs/method.md, the recipes) against the naive references; std < 1 so
+    that VICReg's variance hinge is active; every loss gathers across ranks by default."""
+    z_a, z_b = views(8, 6)
+    z_a, z_b = 0.3 * z_a, 0.3 * z_b
+    assert float(loss()(z_a, z_b)) == pytest.approx(naive(z_a, z_b, **documented), rel=1e-10)
+    assert loss().gather is True
+
+
+def test_smi_ignores_autocast():
+    """Under autocast SMI is still computed in float32 (bf16 matmuls would change it)."""
+    z_a, z_b = views(16, 64, dtype=torch.float32, noise=0.1)
+    plain = SMILoss()(z_a, z_b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = SMILoss()(z_a, z_b)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_smi_gradient_of_one_view_only(which):
+    """A frozen view (no grad) does not change the other view's gradient."""
+    z_a, z_b = views(7, 5)
+    loss = SMILoss(**SMI_KW)
+    leaf = z_a if which == "a" else z_b
+    leaf.requires_grad_(True)
+    loss(z_a, z_b).backward()
+    ref_a, ref_b = z_a.detach().clone().requires_grad_(True), z_b.detach().clone()
+    ref_b.requires_grad_(True)
+    loss.reference_loss(ref_a, ref_b).backward()
+    expected = ref_a.grad if which == "a" else ref_b.grad
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_smi_row_blocks_cover_the_rows_in_bounded_blocks():
+    """The lean SMI path walks row blocks of about 1 MiB, at most 8 blocks: every row once."""
+    from training.losses import _row_blocks
+
+    for n, d, itemsize in [(2, 3, 4), (9, 4, 8), (1000, 8192, 4), (3000, 64, 4), (3, 2**18, 4)]:
+        blocks = list(_row_blocks(n, d, itemsize))
+        rows = [i for b in blocks for i in range(b.start, b.stop)]
+        assert rows == list(range(n))
+        size = max(b.stop - b.start for b in blocks)
+        row_bytes = d * itemsize
+        # at most 8 blocks, and no block larger than needed for that or 1 MiB
+        assert len(blocks) <= 8
+        assert size <= max(1, (1 << 20) // row_bytes, -(-n // 8))
+        assert size * row_bytes >= min(n * row_bytes, (1 << 20) - row_bytes) or len(blocks) == 1
+
+
+def test_messages_say_what_is_wrong():
+    loss = SMILoss()
+    z = torch.randn(4, 8)
+    with pytest.raises(
+        TypeError,
+        match=r"^z_a and z_b must be torch tensors \(projector outputs of the two views\)\.$",
+    ):
+        loss(z.numpy(), z)
+    with pytest.raises(ValueError, match=r"^Embeddings must be 2-D \(N x D\)"):
+        loss(z, torch.randn(4, 8, 1))  # only one view is not 2-D
+    with pytest.raises(ValueError, match=r"^Embeddings must be 2-D \(N x D\)"):
+        loss(torch.randn(4, 8, 1), z)
+    bad = z.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError) as e:
+        loss(bad, z)
+    assert str(e.value) == (
+        "Embeddings contain NaN or Inf: the model has diverged (lower the learning rate, "
+        "check the data) before the loss was computed."
+    )
+    z_a = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError) as e:
+        torch.autograd.grad(loss(z_a, z_a.detach() + 1), z_a, create_graph=True)
+    assert str(e.value) == (
+        "SMILoss's backward is hand-written and once differentiable: double backward "
+        "(create_graph=True) is not supported. Use SMILoss.reference_loss(z_a, z_b), "
+        "the same loss differentiated by autograd, for higher-order gradients."
+    )
+
+
 def test_off_diagonal():
     m = torch.arange(16.0).view(4, 4)
     mask = ~torch.eye(4, dtype=torch.bool)
