@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev data gpu-data browser test test-fast quickstart lint
+.PHONY: install install-dev data gpu-data browser test test-fast quickstart lint mutation
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ test: install-dev browser
 
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+# Mutation testing (mutmut) of the modules where a silent defect costs users most, each against
+# its own tests; about 30 min on 2 cores. Scores and survivors: docs/testing.md.
+# One module: make mutation MODULES=training/losses.py
+mutation: install-dev
+	.ci/mutation $(MODULES)
 
 lint:
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
