@@ -826,14 +826,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def port_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on ``host:port`` (None if it can)."""
-    if not 1 <= port <= 65535:
+    if not 0 <= port <= 65535:
         return f"--port {port} is not a port number (1 to 65535)."
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.bind((host, port))
     except OSError as e:
         return (
-            f"cannot listen on {host}:{port} ({e.strerror or e}): the port is in use or the "
+            f"cannot listen on {host}:{port or ''} ({e.strerror or e}): the port is in use or the "
             "address is not one of this machine's; pick another --port (or leave it out to "
             "take the next free one) or --host."
         )
@@ -843,7 +843,7 @@ def port_problem(host: str, port: int) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and serve the demo until interrupted."""
     args = build_parser().parse_args(argv)
-    if args.port is not None and (problem := port_problem(args.host, args.port)):
+    if problem := port_problem(args.host, args.port or 0):  # 0: is the address ours?
         print(f"smi-hub demo: error: {problem}", file=sys.stderr)
         return 2
     if args.max_pixels < 1:
@@ -864,8 +864,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in (engine.model_error, engine.gallery_error):
         if problem:
             print(f"smi-hub demo: {problem}", file=sys.stderr)
-    with contextlib.suppress(KeyboardInterrupt):
-        launch(app, host=args.host, port=args.port)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            launch(app, host=args.host, port=args.port)
+    except OSError as e:  # e.g. no free port from 7860 on
+        print(f"smi-hub demo: error: could not start the server: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

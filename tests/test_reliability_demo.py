@@ -522,6 +522,12 @@ def test_port_in_use(env, capsys):
         assert "pick another --port" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host", ["192.0.2.1", "::ffff:bad"], ids=["not_this_machine", "bad_ipv6"])
+def test_host_not_bindable(env, capsys, host):
+    assert app.main(["--model", str(env["a"]), "--host", host]) == 2
+    assert f"cannot listen on {host}:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--port", "0"], ["--port", "70000"], ["--port", "http"], ["--max-pixels", "0"]],
