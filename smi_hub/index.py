@@ -1,13 +1,32 @@
-"""Cosine-similarity nearest-neighbour index over embeddings (torch, or faiss if asked).
+"""Cosine-similarity nearest-neighbour index: exact (torch or faiss) or approximate (faiss).
 
-Saved as a folder: ``embeddings.safetensors`` (the L2-normalized vectors) and ``index.json``
-(labels, dimension, metadata). Nothing is pickled.
+Kinds (faiss ``index_factory`` strings on L2-normalized vectors, inner product):
+
+- ``flat``: exact search, vectors in memory (torch matmul + top-k, or faiss ``IndexFlatIP``);
+- ``ivf`` (``IVF{nlist},Flat``), ``ivfsq`` (``IVF{nlist},SQ8``: 1 byte per dimension),
+  ``ivfpq`` (``IVF{nlist},PQ{m}x4fs``: 4-bit fast-scan PQ, m / 2 bytes per vector),
+  ``hnsw`` (``HNSW32,Flat``);
+- ``auto``: picks one from the vector count and a memory budget, as autofaiss does: exact
+  ``flat`` up to :data:`FLAT_MAX` vectors, else the most precise IVF kind whose vectors fit.
+
+Approximate indexes are built from a :class:`~smi_hub.FeatureStore` (or a tensor) shard by
+shard with :meth:`EmbeddingIndex.build`: trained on a sample, vectors added in chunks, then
+the search knob (``nprobe`` / ``efSearch``) is tuned to a target recall@10 against exact search
+on a held-out sample of queries, and that recall is recorded in ``metadata["build"]``.
+
+Saved as a folder, replaced as a whole (``fileio.atomic_folder``): ``index.json`` (labels,
+kind, metadata, sha256 of every other file, checked on load) and ``embeddings.safetensors``
+(``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on load). Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,15 +34,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smi_hub.errors import SMIHubError
+from smi_hub.fileio import atomic_folder
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 EMBEDDINGS_NAME = "embeddings.safetensors"
+FAISS_NAME = "index.faiss"
 INDEX_NAME = "index.json"
+KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "auto")
+FLAT_MAX = 100_000  # auto: exact search up to this many vectors (a few ms per query)
+DEFAULT_BUDGET = 2 << 30
+KNOBS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class SearchResult(NamedTuple):
     """``scores`` (Q x k cosine similarities, descending), ``indices`` (Q x k rows of the
-    index) and ``labels`` (Q lists of k labels: paths, class names or row numbers)."""
+    index; -1 where an approximate index found fewer than k) and ``labels`` (Q lists of k
+    labels: paths, class names or row numbers; None for -1)."""
 
     scores: torch.Tensor
     indices: torch.Tensor
@@ -48,14 +74,101 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1, eps=1e-12)
 
 
+def parse_bytes(text: str | int | float) -> int:
+    """``"2GB"``, ``"512MiB"``, ``"1.5G"`` or a number of bytes -> bytes."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a memory size; write e.g. 2GB, 512MB or 1.5G.")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _nlist(n: int) -> int:
+    """IVF cells: a power of two near 4 sqrt(n), at most n / 39 (faiss' training minimum)."""
+    target = max(1, min(4 * int(n**0.5), n // 39))
+    return 1 << max(0, target.bit_length() - 1)
+
+
+def factory_string(kind: str, n: int, dim: int, memory_budget: int = DEFAULT_BUDGET) -> str:
+    """The faiss ``index_factory`` string of ``kind`` for ``n`` vectors of ``dim``
+    (``auto``: chosen for the budget; see the module docstring)."""
+    nlist = _nlist(n)
+    if kind == "auto":
+        # centroids, ids, slack; 10% margin for inverted lists growing as vectors are added
+        overhead = nlist * dim * 4 + n * 8 + (64 << 20)
+        if n <= FLAT_MAX and n * dim * 4 <= memory_budget:
+            kind = "flat"
+        elif 1.1 * n * dim * 4 + overhead <= memory_budget:
+            kind = "ivf"
+        elif 1.1 * n * dim + overhead <= memory_budget:
+            kind = "ivfsq"
+        else:
+            kind = "ivfpq"
+    if kind == "flat":
+        return "Flat"
+    if kind == "ivf":
+        return f"IVF{nlist},Flat"
+    if kind == "ivfsq":
+        return f"IVF{nlist},SQ8"
+    if kind == "ivfpq":  # 4-bit fast-scan PQ: m / 2 bytes per vector
+        m = dim // 2 if dim % 2 == 0 else dim
+        while m % 4 == 0 and n * (m // 2 + 8) > memory_budget:
+            m //= 2
+        return f"IVF{nlist},PQ{m}x4fs"
+    if kind == "hnsw":
+        return "HNSW32,Flat"
+    raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}.")
+
+
+def _kind_of(factory: str) -> str:
+    if factory == "Flat":
+        return "flat"
+    if factory.startswith("HNSW"):
+        return "hnsw"
+    return {"Flat": "ivf", "SQ8": "ivfsq"}.get(factory.split(",")[1], "ivfpq")
+
+
+def _exact_topk(
+    queries: torch.Tensor, chunks: Iterator[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact cosine top-k of normalized ``queries`` over normalized row chunks, streamed."""
+    best_s = torch.full((queries.shape[0], 0), -2.0)
+    best_i = torch.empty((queries.shape[0], 0), dtype=torch.long)
+    offset = 0
+    for chunk in chunks:
+        s = queries @ chunk.T
+        kk = min(k, s.shape[1])
+        top = torch.topk(s, kk, dim=1)
+        best_s = torch.cat([best_s, top.values], dim=1)
+        best_i = torch.cat([best_i, top.indices + offset], dim=1)
+        keep = torch.topk(best_s, min(k, best_s.shape[1]), dim=1)
+        best_s, best_i = keep.values, torch.gather(best_i, 1, keep.indices)
+        offset += chunk.shape[0]
+    return best_s, best_i
+
+
+def recall_at_k(found: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean fraction of the exact top-k (``truth``, Q x k) found in ``found`` (Q x k)."""
+    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
+    return hits / truth.numel()
+
+
 class EmbeddingIndex:
-    """Exact cosine top-k search.
+    """Cosine top-k search, exact or approximate.
 
     Args:
         dim: vector dimension (taken from the first ``add`` when None).
-        backend: ``torch`` (matrix product + top-k) or ``faiss`` (``IndexFlatIP`` on the
-            normalized vectors; needs ``pip install faiss-cpu``). Both return the same results.
+        backend: for ``kind="flat"``: ``torch`` (matrix product + top-k) or ``faiss``
+            (``IndexFlatIP``; ``pip install faiss-cpu``). Both return the same results.
+            Approximate kinds always use faiss.
         metadata: free-form JSON-able information saved with the index (model name, layer...).
+        kind: ``flat`` (default, exact), ``ivf``, ``ivfsq``, ``ivfpq``, ``hnsw`` or ``auto``
+            (see the module docstring). Build approximate kinds with :meth:`build`.
+        memory_budget: bytes (or ``"2GB"``) the vectors may take, for ``kind="auto"``.
+        nprobe, ef_search: search-time knobs of IVF / HNSW kinds (more: slower, more exact);
+            :meth:`build` tunes them to ``target_recall`` when not given.
     """
 
     def __init__(
@@ -63,27 +176,83 @@ class EmbeddingIndex:
         dim: int | None = None,
         backend: str = "torch",
         metadata: dict[str, Any] | None = None,
+        kind: str = "flat",
+        memory_budget: int | str = DEFAULT_BUDGET,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> None:
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}.")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}.")
         self.dim = dim
-        self.backend = backend
+        self.kind = kind
+        self.memory_budget = parse_bytes(memory_budget)
+        self.factory = "Flat" if kind == "flat" else None
+        self.backend = backend if kind == "flat" else "faiss"
         self.metadata: dict[str, Any] = dict(metadata or {})
-        self.embeddings = torch.empty(0, dim or 0)
+        self.embeddings: torch.Tensor | None = torch.empty(0, dim or 0)
         self.labels: list[Any] = []
+        self.nprobe = nprobe
+        self.ef_search = ef_search
         self._faiss: Any = None
-        if backend == "faiss":
+        if self.backend == "faiss":
             _import_faiss()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __repr__(self) -> str:
-        return f"EmbeddingIndex(n={len(self)}, dim={self.dim}, backend={self.backend!r})"
+        return (
+            f"EmbeddingIndex(n={len(self)}, dim={self.dim}, kind={self.kind!r}, "
+            f"backend={self.backend!r})"
+        )
+
+    # ---- building ------------------------------------------------------------------------
+
+    def _resolve(self, n: int) -> None:
+        """Fix an ``auto`` kind and the factory string once the vector count is known."""
+        if self.factory is None:
+            assert self.dim is not None
+            self.factory = factory_string(self.kind, n, self.dim, self.memory_budget)
+            self.kind = _kind_of(self.factory)
+            if self.kind == "flat":
+                self.factory = "Flat"
+            else:
+                self.backend = "faiss"
+                self.embeddings = None
+
+    def _new_faiss(self) -> Any:
+        faiss = _import_faiss()
+        index = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.cp.niter = 10  # k-means iterations: 10 is autofaiss' choice too
+        return index
+
+    def train(self, sample: Any) -> EmbeddingIndex:
+        """Train an approximate index on a sample of the vectors (flat needs none)."""
+        x = _normalize(_as_matrix(sample, "sample"))
+        if self.dim is None:
+            self.dim = x.shape[1]
+        self._resolve(x.shape[0])
+        if self.kind == "flat":
+            return self
+        index = self._new_faiss()
+        try:
+            index.train(x.numpy())
+        except RuntimeError as e:
+            raise ValueError(
+                f"Training a {self.factory} index on {x.shape[0]} vectors failed ({e}); give "
+                "more vectors or use kind='flat'."
+            ) from e
+        self._faiss = index
+        return self
 
     def add(self, embeddings: Any, labels: list[Any] | None = None) -> EmbeddingIndex:
         """Append N vectors (N x D tensor/array or a ``FeatureResult``) with optional labels
-        (defaults: a FeatureResult's paths, else row numbers)."""
+        (defaults: a FeatureResult's paths, else row numbers). An untrained approximate index
+        is first trained on these vectors."""
         if labels is None and hasattr(embeddings, "paths"):
             labels = list(embeddings.paths)
         x = _as_matrix(embeddings, "embeddings")
@@ -96,75 +265,246 @@ class EmbeddingIndex:
         labels = list(labels)
         if len(labels) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} vectors but {len(labels)} labels.")
+        self._resolve(x.shape[0])
         x = _normalize(x)
-        if self.embeddings.shape[1] != self.dim:  # still the placeholder of an empty index
-            self.embeddings = torch.empty(0, self.dim)
-        self.embeddings = torch.cat([self.embeddings, x])
-        self.labels.extend(labels)
-        if self._faiss is not None:
+        if self.kind == "flat":
+            assert self.embeddings is not None
+            if self.embeddings.shape[1] != self.dim:  # still the placeholder of an empty index
+                self.embeddings = torch.empty(0, self.dim)
+            self.embeddings = torch.cat([self.embeddings, x])
+            if self._faiss is not None:
+                self._faiss.add(x.numpy())
+        else:
+            if self._faiss is None:
+                self.train(x)
             self._faiss.add(x.numpy())
+        self.labels.extend(labels)
         return self
+
+    @classmethod
+    def build(
+        cls,
+        vectors: Any,
+        labels: list[Any] | None = None,
+        kind: str = "auto",
+        memory_budget: int | str = DEFAULT_BUDGET,
+        metadata: dict[str, Any] | None = None,
+        train_size: int | None = None,
+        queries: int = 256,
+        target_recall: float = 0.95,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        chunk_size: int = 65536,
+        seed: int = 0,
+    ) -> EmbeddingIndex:
+        """Build an index from a :class:`~smi_hub.FeatureStore` (read shard by shard, never
+        all at once) or an N x D tensor.
+
+        Approximate kinds are trained on ``train_size`` rows sampled evenly at random (default
+        ``64 * nlist``, at least 10 000), vectors are added in chunks, then ``queries`` rows
+        that were not in the training sample are searched exactly and approximately: the
+        smallest ``nprobe`` / ``efSearch`` reaching ``target_recall`` (recall@10) is kept
+        unless given, and the build report (kind, factory, recall@10, knob, times) is stored
+        in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
+        """
+        from smi_hub.feature_store import FeatureStore
+
+        t0 = time.perf_counter()
+        if isinstance(vectors, FeatureStore):
+            store = vectors
+            n, dim = len(store), store.dim
+            if labels is None:
+                labels = list(store.paths)
+
+            def chunks() -> Iterator[torch.Tensor]:
+                for part in store:
+                    if part.shape[0]:
+                        yield _normalize(part.reshape(part.shape[0], -1).float())
+
+            def rows(ids: torch.Tensor) -> torch.Tensor:
+                out = torch.empty(len(ids), dim)
+                pos = 0
+                for k in range(store.num_shards):
+                    lo, hi = store.offsets[k], store.offsets[k + 1]
+                    sel = ids[(ids >= lo) & (ids < hi)]
+                    if len(sel):
+                        feats = store.shard(k)["features"].reshape(hi - lo, -1)
+                        out[pos : pos + len(sel)] = feats[sel - lo]
+                        pos += len(sel)
+                return _normalize(out)
+
+        else:
+            matrix = _as_matrix(vectors, "vectors")
+            if labels is None and hasattr(vectors, "paths"):
+                labels = list(vectors.paths)
+            n, dim = matrix.shape
+
+            def chunks() -> Iterator[torch.Tensor]:
+                for i in range(0, n, chunk_size):
+                    yield _normalize(matrix[i : i + chunk_size])
+
+            def rows(ids: torch.Tensor) -> torch.Tensor:
+                return _normalize(matrix[ids])
+
+        if n == 0:
+            raise ValueError("No vectors to index.")
+        labels = list(range(n)) if labels is None else list(labels)
+        if len(labels) != n:
+            raise ValueError(f"{n} vectors but {len(labels)} labels.")
+        index = cls(
+            dim=dim,
+            metadata=metadata,
+            kind=kind,
+            memory_budget=memory_budget,
+            nprobe=nprobe,
+            ef_search=ef_search,
+        )
+        index._resolve(n)
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=g)
+        t_train = 0.0
+        train_ids = torch.empty(0, dtype=torch.long)
+        if index.kind != "flat":
+            want = train_size or max(10_000, 64 * _nlist(n))
+            train_ids = perm[: min(n, want)].sort().values
+            t1 = time.perf_counter()
+            index.train(rows(train_ids))
+            t_train = time.perf_counter() - t1
+        for part in chunks():
+            if index.kind == "flat":
+                index.add(part, labels=labels[len(index) : len(index) + part.shape[0]])
+            else:
+                index._faiss.add(part.numpy())
+                index.labels.extend(labels[len(index) : len(index) + part.shape[0]])
+        t_built = time.perf_counter() - t0
+        report: dict[str, Any] = {
+            "kind": index.kind,
+            "factory": index.factory,
+            "vectors": n,
+            "train_vectors": int(len(train_ids)),
+            "train_s": round(t_train, 3),
+            "build_s": round(t_built, 3),
+        }
+        if index.kind != "flat" and queries > 0:
+            rest = perm[len(train_ids) :] if len(train_ids) < n else perm
+            q = rows(rest[:queries].sort().values)
+            k = min(10, n)
+            _, truth = _exact_topk(q, chunks(), k)
+            knob = "efSearch" if index.kind == "hnsw" else "nprobe"
+            given = ef_search if index.kind == "hnsw" else nprobe
+            limit = 4096 if index.kind == "hnsw" else _nlist(n)
+            candidates = [given] if given else [v for v in KNOBS if v <= limit] or [1]
+            for value in candidates:
+                index._set_knob(knob, value)
+                found = index.search(q, k=k).indices
+                recall = recall_at_k(found, truth)
+                if recall >= target_recall:
+                    break
+            if index.kind == "hnsw":
+                index.ef_search = value
+            else:
+                index.nprobe = value
+            report.update(
+                {"queries": int(q.shape[0]), "recall_at_10": round(recall, 4), knob: value}
+            )
+        index.metadata["build"] = report
+        return index
+
+    # ---- searching -----------------------------------------------------------------------
+
+    def _set_knob(self, name: str, value: int) -> None:
+        faiss = _import_faiss()
+        faiss.ParameterSpace().set_index_parameter(self._faiss, name, int(value))
 
     def _faiss_index(self) -> Any:
         if self._faiss is None:
             faiss = _import_faiss()
             self._faiss = faiss.IndexFlatIP(self.dim)
             if len(self):
+                assert self.embeddings is not None
                 self._faiss.add(self.embeddings.numpy())
         return self._faiss
 
-    def search(self, queries: Any, k: int = 5) -> SearchResult:
-        """The ``k`` most cosine-similar stored vectors of each query (k is capped at len)."""
+    def search(
+        self,
+        queries: Any,
+        k: int = 5,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> SearchResult:
+        """The ``k`` most cosine-similar stored vectors of each query (k is capped at len).
+        ``nprobe`` / ``ef_search`` override the index's knobs for this call."""
         if len(self) == 0:
             raise ValueError("The index is empty; add() embeddings first.")
         q = _normalize(_as_matrix(queries, "queries"))
         if q.shape[1] != self.dim:
             raise ValueError(f"This index holds {self.dim}-d vectors, queries are {q.shape[1]}-d.")
         k = max(1, min(int(k), len(self)))
-        if self.backend == "faiss":
-            scores_np, idx_np = self._faiss_index().search(q.numpy(), k)
-            scores, indices = torch.from_numpy(scores_np), torch.from_numpy(idx_np).long()
-        else:
+        if self.kind == "flat" and self.backend == "torch":
+            assert self.embeddings is not None
             parts = [torch.topk(chunk @ self.embeddings.T, k, dim=1) for chunk in q.split(1024)]
             scores = torch.cat([p.values for p in parts])
             indices = torch.cat([p.indices for p in parts])
-        labels = [[self.labels[j] for j in row] for row in indices.tolist()]
+        else:
+            index = self._faiss_index()
+            if self.kind in ("ivf", "ivfsq", "ivfpq") and (nprobe or self.nprobe):
+                self._set_knob("nprobe", nprobe or self.nprobe)
+            if self.kind == "hnsw" and (ef_search or self.ef_search):
+                self._set_knob("efSearch", max(k, ef_search or self.ef_search))
+            scores_np, idx_np = index.search(q.numpy(), k)
+            scores, indices = torch.from_numpy(scores_np), torch.from_numpy(idx_np).long()
+        labels = [[self.labels[j] if j >= 0 else None for j in row] for row in indices.tolist()]
         return SearchResult(scores, indices, labels)
 
+    # ---- saving --------------------------------------------------------------------------
+
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``embeddings.safetensors`` and ``index.json`` into ``folder``."""
+        """Write the index folder, replacing any earlier one as a whole: ``index.json`` (with
+        the sha256 of the vectors file) and ``embeddings.safetensors`` or ``index.faiss``."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{EMBEDDINGS_NAME}.tmp"
-        save_file({"embeddings": self.embeddings.contiguous()}, str(tmp))
-        os.replace(tmp, folder / EMBEDDINGS_NAME)
-        info = {
-            "format": "smi-hub-index",
-            "format_version": INDEX_FORMAT,
-            "dim": self.dim,
-            "count": len(self),
-            "metric": "cosine",
-            "labels": self.labels,
-            "metadata": self.metadata,
-        }
-        tmp_json = folder / f".{INDEX_NAME}.tmp"
-        tmp_json.write_text(json.dumps(info, indent=1) + "\n")
-        os.replace(tmp_json, folder / INDEX_NAME)
+        with atomic_folder(folder) as tmp:
+            if self.kind == "flat":
+                assert self.embeddings is not None
+                vec = self.embeddings.contiguous()
+                if vec.shape[1] != (self.dim or 0):
+                    vec = torch.empty(0, self.dim or 0)
+                name = EMBEDDINGS_NAME
+                save_file({"embeddings": vec}, str(tmp / name))
+            else:
+                name = FAISS_NAME
+                _import_faiss().write_index(self._faiss, str(tmp / name))
+            info = {
+                "format": "smi-hub-index",
+                "format_version": INDEX_FORMAT,
+                "kind": self.kind,
+                "factory": self.factory,
+                "dim": self.dim,
+                "count": len(self),
+                "metric": "cosine",
+                "nprobe": self.nprobe,
+                "ef_search": self.ef_search,
+                "files": {name: _sha256_file(tmp / name)},
+                "labels": self.labels,
+                "metadata": self.metadata,
+            }
+            (tmp / INDEX_NAME).write_text(json.dumps(info, indent=1) + "\n")
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, backend: str = "torch") -> EmbeddingIndex:
-        """Read an index written by :meth:`save`."""
+    def load(
+        cls, folder: str | os.PathLike, backend: str = "torch", mmap: bool = True
+    ) -> EmbeddingIndex:
+        """Read an index written by :meth:`save`; the vectors file must match the sha256 in
+        ``index.json``. Approximate indexes are memory-mapped unless ``mmap=False``."""
         folder = Path(folder)
-        meta_path, emb_path = folder / INDEX_NAME, folder / EMBEDDINGS_NAME
-        if not meta_path.is_file() or not emb_path.is_file():
+        meta_path = folder / INDEX_NAME
+        if not meta_path.is_file():
             raise SMIHubError(
-                f"{folder} is not an index folder (needs {INDEX_NAME} and {EMBEDDINGS_NAME}); "
-                "build one with `smi-hub index FOLDER -o INDEX_DIR` or EmbeddingIndex.save()."
+                f"{folder} is not an index folder (needs {INDEX_NAME}); build one with "
+                "`smi-hub index FOLDER -o INDEX_DIR` or EmbeddingIndex.save()."
             )
         try:
             info = json.loads(meta_path.read_text())
-            embeddings = load_file(str(emb_path))["embeddings"]
         except Exception as e:
             raise SMIHubError(f"{folder}: unreadable index ({type(e).__name__}: {e}).") from e
         if info.get("format") != "smi-hub-index" or info.get("format_version", 0) > INDEX_FORMAT:
@@ -172,12 +512,53 @@ class EmbeddingIndex:
                 f"{meta_path} is not an smi-hub index this version reads "
                 f"(format {info.get('format')!r} version {info.get('format_version')!r})."
             )
-        if embeddings.shape != (info["count"], info["dim"]) or len(info["labels"]) != info["count"]:
-            raise SMIHubError(f"{folder}: {INDEX_NAME} and {EMBEDDINGS_NAME} disagree; rebuild it.")
-        index = cls(dim=info["dim"], backend=backend, metadata=info.get("metadata"))
-        index.embeddings = embeddings.float()
+        kind = info.get("kind", "flat")
+        name = EMBEDDINGS_NAME if kind == "flat" else FAISS_NAME
+        path = folder / name
+        if not path.is_file():
+            raise SMIHubError(f"{folder} is not a complete index ({name} is missing); rebuild it.")
+        want = info.get("files", {}).get(name)
+        if info.get("format_version", 1) >= 2 and want != _sha256_file(path):
+            raise SMIHubError(
+                f"{path}: sha256 differs from {INDEX_NAME}'s record; the index folder is "
+                "damaged or mixed with another index's files. Rebuild it."
+            )
+        index = cls(
+            dim=info["dim"],
+            backend=backend,
+            metadata=info.get("metadata"),
+            kind=kind,
+            nprobe=info.get("nprobe"),
+            ef_search=info.get("ef_search"),
+        )
+        index.factory = info.get("factory", "Flat")
         index.labels = list(info["labels"])
+        try:
+            if kind == "flat":
+                index.embeddings = load_file(str(path))["embeddings"].float()
+                count = index.embeddings.shape
+                ok = count == (info["count"], info["dim"])
+            else:
+                faiss = _import_faiss()
+                flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
+                index._faiss = faiss.read_index(str(path), flag)
+                index.embeddings = None
+                ok = index._faiss.ntotal == info["count"] and index._faiss.d == info["dim"]
+        except SMIHubError:
+            raise
+        except Exception as e:
+            raise SMIHubError(f"{folder}: unreadable index ({type(e).__name__}: {e}).") from e
+        if not ok or len(index.labels) != info["count"]:
+            raise SMIHubError(f"{folder}: {INDEX_NAME} and {name} disagree; rebuild it.")
         return index
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _import_faiss() -> Any:
@@ -185,7 +566,7 @@ def _import_faiss() -> Any:
         import faiss
     except ImportError as e:
         raise ImportError(
-            "backend='faiss' needs faiss: pip install faiss-cpu (or smi-hub[faiss]); the "
-            "default backend='torch' gives the same results."
+            "faiss is needed for backend='faiss' and approximate kinds: pip install faiss-cpu "
+            "(or smi-hub[faiss]); kind='flat' with backend='torch' needs nothing."
         ) from e
     return faiss
