@@ -152,6 +152,19 @@ def recorder():
     server.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _online(monkeypatch, recorder):
+    """Offline mode off (it would hide a request), and the Hugging Face Hub at the recorder:
+    every download the page attempted, by URL or repo id, would show in ``Recorder.requests``."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "SMI_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", recorder)
+    monkeypatch.setenv("HF_ENDPOINT", recorder)
+
+
 # ============================================================================================
 # What a visitor can make the page load
 # ============================================================================================
@@ -218,10 +231,11 @@ def test_allow_any_model_loads_unlisted_and_fetches(env, recorder):
     eng = make_engine(env, allow_any_model=True)
     app.load_model_page(eng, "", str(env["c"]))
     assert eng.model_name == str(env["c"]) and eng.model_error is None
-    Recorder.requests.clear()
-    msg = app.load_model_page(eng, "", f"{recorder}/x/")
-    assert Recorder.requests, "with --allow-any-model a URL is fetched (the recorder works)"
-    assert "Could not load model" in msg
+    for target in (f"{recorder}/x/", "someone/some-model"):
+        Recorder.requests.clear()
+        msg = app.load_model_page(eng, "", target)
+        assert Recorder.requests, f"with --allow-any-model {target} is fetched (the recorder works)"
+        assert "Could not load model" in msg and eng.model_name == str(env["c"])
 
 
 SELF_CHECK = {
