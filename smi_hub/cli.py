@@ -159,11 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split of a DatasetDict input (e.g. train)")
     p.add_argument("--npy", action="store_true", help="also write features.npy into the store")
 
-    p = sub.add_parser("index", help="build a nearest-neighbour index of a folder of images")
-    p.add_argument("folder")
-    p.add_argument("-o", "--out", required=True, help="index folder")
+    p = sub.add_parser("index", help="build a nearest-neighbour index of images or features")
+    p.add_argument("folder", help="folder of images, or a feature store (smi-hub extract)")
+    p.add_argument("-o", "--out", required=True, help="index folder (replaced as a whole)")
     _model_arg(p)
     _run_args(p)
+    p.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw"],
+        help="auto: exact flat up to 100k vectors, else the IVF kind that fits --memory-budget",
+    )
+    p.add_argument("--memory-budget", default="2GB", help="memory for the vectors (kind auto)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (default: tuned)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned)")
 
     p = sub.add_parser("search", help="nearest neighbours of an image in an index")
     p.add_argument("index_dir")
@@ -171,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=5)
     _model_arg(p)
     p.add_argument("--device", default=None)
+    p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (more: exacter)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (more: exacter)")
 
     p = sub.add_parser("export", help="training checkpoint -> weights folder")
     p.add_argument("checkpoint")
@@ -324,28 +336,58 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from smi_hub.feature_store import MANIFEST, FeatureStore
     from smi_hub.features import extract_features
     from smi_hub.hub import load
     from smi_hub.index import EmbeddingIndex
 
-    model = load(args.model, device=args.device)
-    result = extract_features(
-        model,
-        args.folder,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        channels_last=args.channels_last,
-        amp_dtype=_amp(args),
-    )
-    if len(result) == 0:
-        shown = "; ".join(reason for _, reason in result.failed[:3])
+    vectors: Any
+    if (Path(args.folder) / MANIFEST).is_file():
+        vectors = store = FeatureStore.open(args.folder)
+        if len(store.row_shape) != 1:
+            raise SMIHubError(
+                f"{args.folder} holds {store.manifest['layer']} maps {store.row_shape}; index "
+                "pooled features (smi-hub extract --layer pooled)."
+            )
+        labels, failed = [str(p) for p in store.paths], store.failed
+        meta = {"model": store.manifest["model"], "layer": store.manifest["layer"]}
+    else:
+        model = load(args.model, device=args.device)
+        result = extract_features(
+            model,
+            args.folder,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            device=args.device,
+            channels_last=args.channels_last,
+            amp_dtype=_amp(args),
+        )
+        vectors, labels, failed = result.features, [str(p) for p in result.paths], result.failed
+        meta = {"model": args.model, "layer": "pooled"}
+    if len(labels) == 0:
+        shown = "; ".join(reason for _, reason in failed[:3])
         raise SMIHubError(f"no image in {args.folder} could be read ({shown}); nothing indexed.")
-    index = EmbeddingIndex(metadata={"model": args.model, "layer": "pooled"})
-    index.add(result.features, labels=[str(p) for p in result.paths])
+    index = EmbeddingIndex.build(
+        vectors,
+        labels=labels,
+        kind=args.kind,
+        memory_budget=args.memory_budget,
+        metadata=meta,
+        target_recall=args.target_recall,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+    )
     index.save(args.out)
-    skipped = f"; {len(result.failed)} unreadable file(s) skipped" if result.failed else ""
-    print(f"Indexed {len(index)} images ({index.dim}-d) -> {args.out}{skipped}")
+    skipped = f"; {len(failed)} unreadable file(s) skipped" if failed else ""
+    report = index.metadata["build"]
+    how = report["factory"]
+    if "recall_at_10" in report:
+        knob = "nprobe" if "nprobe" in report else "efSearch"
+        how += (
+            f", recall@10 {report['recall_at_10']:.3f} vs exact on {report['queries']} "
+            f"held-out queries at {knob}={report[knob]}"
+        )
+    print(f"Indexed {len(index)} images ({index.dim}-d, {how}) -> {args.out}{skipped}")
     return 0
 
 
@@ -361,7 +403,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"{path}: skipped ({reason})", file=sys.stderr)
     if len(result) == 0:
         return 1
-    found = index.search(result.features, k=args.k)
+    found = index.search(result.features, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search)
     for q, scores, labels in zip(result.paths, found.scores, found.labels, strict=True):
         print(f"query: {q}")
         for rank, (s, label) in enumerate(zip(scores.tolist(), labels, strict=True), 1):

@@ -242,3 +242,20 @@ def test_list_file_input(model, gallery, tmp_path):
     assert store.paths == [str(tmp_path / r) for r in rel[:3]] + [str(f) for f in files[3:]]
     ref = smi_hub.extract_features(model, files, progress=False)
     torch.testing.assert_close(store.to_tensor(), ref.features)
+
+
+@pytest.mark.slow
+def test_cli_index_and_search_a_store(model, gallery, tmp_path, capsys):
+    weights = smi_hub.save_weights_folder(model, tmp_path / "w")
+    store_dir, idx = tmp_path / "store", tmp_path / "idx"
+    with pytest.warns(RuntimeWarning):
+        assert main(["extract", str(gallery), "-o", str(store_dir), "--model", str(weights)]) == 0
+    for kind in ("ivf", "hnsw", "auto"):
+        assert main(["index", str(store_dir), "-o", str(idx), "--kind", kind]) == 0
+        out = capsys.readouterr().out
+        assert "Indexed 20 images" in out and ("recall@10" in out) == (kind != "auto")
+        query = sorted(p for p in gallery.rglob("*.png") if "broken" not in p.name)[7]
+        assert main(["search", str(idx), str(query), "-k", "3", "--nprobe", "1"]) == 0
+        lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("   1.")]
+        assert lines[0].split()[2] == str(query)  # the query finds itself first
+    assert smi_hub.EmbeddingIndex.load(idx).kind == "flat"  # auto: exact at this size
