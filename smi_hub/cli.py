@@ -100,11 +100,13 @@ def check_output(path: str, flag: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Checks every argument that can be checked before the work starts (``UsageError``)."""
-    for attr in ("input", "folder", "index_dir", "checkpoint"):
+    for attr in ("input", "folder", "index_dir", "checkpoint", "model"):
         if getattr(args, attr, None) == "":
-            raise UsageError(f"the {attr.upper()} argument is empty; give a path.")
-    if any(not q.strip() for q in getattr(args, "query", None) or []):
-        raise UsageError("a query argument is empty; give image paths.")
+            raise UsageError(f"the {attr.upper()} argument is empty; give a path or name.")
+    for attr in ("query", "images"):
+        values = getattr(args, attr, None)
+        if isinstance(values, list) and any(not v.strip() for v in values):
+            raise UsageError(f"an {attr.upper()} argument is empty; give image paths.")
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     for attr, flag in (("out", "-o/--out"), ("out_dir", "OUT_DIR")):
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top classes of images with a fine-tuned classifier")
     p.add_argument("model", help="classifier weights folder (python -m training.finetune), repo id")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("-k", "--top", type=int, default=5, help="classes to print per image")
+    p.add_argument("-k", "--top", type=_positive_int, default=5, help="classes to print per image")
     p.add_argument("--device", default=None)
 
     p = sub.add_parser("demo", help="start the Gradio demo (needs a source checkout)")

@@ -573,6 +573,7 @@ def _cli_commands(tmp_path: Path, weights: Path) -> dict[str, list[str]]:
         "extract": ["extract", str(g), "-o", str(tmp_path / "out"), "--model", str(weights)],
         "index": ["index", str(g), "-o", str(tmp_path / "idx"), "--model", str(weights)],
         "search": ["search", str(tmp_path / "idx"), str(g / "a" / "0.png")],
+        "predict": ["predict", str(weights), str(g / "a" / "0.png")],
     }
 
 
@@ -585,7 +586,7 @@ DEVICES = {
 }
 
 
-@pytest.mark.parametrize("command", ["extract", "index", "search"])
+@pytest.mark.parametrize("command", ["extract", "index", "search", "predict"])
 @pytest.mark.parametrize("case", list(DEVICES))
 def test_bad_device_exit_2(tmp_path, weights, capsys, no_work, command, case):
     device, expected = DEVICES[case]
@@ -636,6 +637,9 @@ EMPTY_INPUTS = {
     "search_index": lambda t: ["search", "", "q.png"],
     "search_query": lambda t: ["search", str(t), ""],
     "export_checkpoint": lambda t: ["export", "", str(t / "o")],
+    "extract_model": lambda t: ["extract", str(t), "-o", str(t / "o"), "--model", ""],
+    "predict_model": lambda t: ["predict", "", "x.png"],
+    "predict_image": lambda t: ["predict", "m", "x.png", " "],
 }
 
 
@@ -656,6 +660,7 @@ BAD_NUMBERS = {
     "quickstart_queries_negative": ["quickstart", "--queries", "-1"],
     "extract_batch_size_0": ["extract", "x", "-o", "o", "--batch-size", "0"],
     "index_workers_negative": ["index", "x", "-o", "o", "--workers", "-2"],
+    "predict_top_0": ["predict", "m", "x.png", "-k", "0"],
 }
 
 
