@@ -17,6 +17,7 @@ from smi_hub.errors import (
 from smi_hub.feature_store import FeatureStore, FeatureStoreError
 from smi_hub.features import FeatureResult, extract_features
 from smi_hub.gallery import default_gallery
+from smi_hub.hf_datasets import add_embeddings
 from smi_hub.hub import load
 from smi_hub.index import EmbeddingIndex, SearchResult
 from smi_hub.localization import localization_map, overlay
@@ -43,6 +44,7 @@ __all__ = [
     "UnsupportedFormatError",
     "WeightsError",
     "WeightsNotPublishedError",
+    "add_embeddings",
     "default_gallery",
     "extract_features",
     "get_transforms",

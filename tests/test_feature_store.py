@@ -259,3 +259,37 @@ def test_cli_index_and_search_a_store(model, gallery, tmp_path, capsys):
         lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("   1.")]
         assert lines[0].split()[2] == str(query)  # the query finds itself first
     assert smi_hub.EmbeddingIndex.load(idx).kind == "flat"  # auto: exact at this size
+
+
+def test_add_embeddings_round_trip_with_an_unreadable_row(model, tmp_path):
+    ds = _hf_dataset(10)
+    paths = [str(tmp_path / f"{i}.png") for i in range(10)]
+    for i, p in enumerate(paths):
+        ds[i]["image"].save(p)
+    Path(paths[3]).write_bytes(b"broken")  # row 3 cannot be read
+    # an image column of paths, read at extraction: row 3 fails there
+    files = datasets.Dataset.from_dict({"image": paths, "label": ds["label"]})
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        store = smi_hub.extract_features(model, files, progress=False, out=tmp_path / "s")
+    assert store.input_index().tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    out = smi_hub.add_embeddings(files, store)
+    assert out["label"] == ds["label"] and out[3]["embeddings"] is None
+    ref = torch.nn.functional.normalize(smi_hub.extract_features(model, paths[:3]).features)
+    for i in range(3):  # row i holds image i: no shift around the missing row
+        np.testing.assert_allclose(out[i]["embeddings"], ref[i].numpy(), atol=1e-6)
+    later = torch.nn.functional.normalize(store.read(3, 4))[0].numpy()
+    np.testing.assert_allclose(out[4]["embeddings"], later, atol=1e-6)
+
+    out.to_parquet(str(tmp_path / "x.parquet"))
+    back = datasets.Dataset.from_parquet(str(tmp_path / "x.parquet"))
+    assert back[3]["embeddings"] is None and back[5]["embeddings"] == out[5]["embeddings"]
+
+    with pytest.raises(ValueError):  # datasets' faiss index cannot hold a null row
+        out.add_faiss_index("embeddings")
+    ready = smi_hub.add_embeddings(files, store, drop_missing=True)
+    assert len(ready) == 9 and ready["label"] == [ds["label"][i] for i in range(10) if i != 3]
+    ready.add_faiss_index("embeddings")
+    _, found = ready.get_nearest_examples("embeddings", np.asarray(out[6]["embeddings"]), k=1)
+    assert found["image"] == [paths[6]]
+    with pytest.raises(smi_hub.SMIHubError, match="9 rows"):
+        smi_hub.add_embeddings(files.select(range(9)), store)
