@@ -158,7 +158,11 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, dict[str, dict[str, Any]]], out: str | Path) -> Path:
+def plot(
+    results: dict[str, dict[str, dict[str, Any]]],
+    out: str | Path,
+    title: str = "Backbone feature spectrum",
+) -> Path:
     """Backbone variance spectra of every model, log scale (one PNG)."""
     import matplotlib
 
@@ -171,7 +175,7 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], out: str | Path) -> Path
         ax.semilogy(range(1, len(spectrum) + 1), [max(v, 1e-12) for v in spectrum], label=label)
     ax.set_xlabel("principal dimension (sorted)")
     ax.set_ylabel("share of variance")
-    ax.set_title("Backbone feature spectrum, Fashion-MNIST test images")
+    ax.set_title(title)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -218,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
         Path(args.out).with_suffix(".md").write_text(table)
     if args.plot:
-        plot(results, args.plot)
+        title = f"Backbone feature spectrum, {args.dataset} {args.split} images"
+        plot(results, args.plot, title)
     return 0
 
 
