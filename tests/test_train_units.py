@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 from pathlib import Path
@@ -219,6 +220,65 @@ def test_warmup_cosine_schedule_and_state():
     s2 = WarmupCosine(opt2, 100, 10, 0.01)
     s2.load_state_dict(s.state_dict())
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def cosine_reference(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * (1 + math.cos(math.pi * t)) / 2
+
+
+@pytest.mark.parametrize("total, warmup", [(10, 0), (1, 0), (2, 1), (5, 5), (30, 4)])
+def test_warmup_cosine_matches_the_formula_past_the_end(total, warmup):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 2.0}, {"params": [], "lr": 0.5}])
+    s = WarmupCosine(opt, total_steps=total, warmup_steps=warmup, min_lr_ratio=0.05)
+    for step in range(total + 5):  # the LR stays at its minimum after the last step
+        f = cosine_reference(step, total, warmup, 0.05)
+        assert s.get_last_lr() == pytest.approx([2.0 * f, 0.5 * f], rel=1e-12)
+        assert [g["lr"] for g in opt.param_groups] == s.get_last_lr()
+        s.step()
+
+
+def test_warmup_cosine_defaults_restart_and_state():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = WarmupCosine(opt, total_steps=4, warmup_steps=2)
+    assert s.min_lr_ratio == 0.001 and opt.param_groups[0]["lr"] == 0.5
+    # a second schedule on the same optimizer starts from the peak LR, not the warmed-up one
+    again = WarmupCosine(opt, total_steps=4, warmup_steps=2)
+    assert again.base_lrs == [1.0] and opt.param_groups[0]["initial_lr"] == 1.0
+    assert s.state_dict() == {
+        "name": "warmup_cosine",
+        "step": 0,
+        "total_steps": 4,
+        "warmup_steps": 2,
+        "min_lr_ratio": 0.001,
+        "base_lrs": [1.0],
+    }
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0})
+    with pytest.raises(ValueError):  # a group the schedule does not know is not left unscheduled
+        s.step()
+
+
+def test_optimizer_defaults_and_frozen_parameters():
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert LARS([p], lr=0.1).defaults == {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "eta": 0.001,
+        "lars": True,
+    }
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].weight.requires_grad_(False)  # a frozen layer first: the rest still trains
+    decay, no_decay = param_groups(model, 1e-4, exclude_bias_bn=True)
+    assert [tuple(p.shape) for p in decay["params"]] == [(2, 3)] and decay["weight_decay"] == 1e-4
+    assert [tuple(p.shape) for p in no_decay["params"]] == [(3,), (2,)]
+    lars = build_optimizer(model, "lars", 0.2, 1e-6)
+    assert [(g["momentum"], g["eta"]) for g in lars.param_groups] == [(0.9, 0.001)] * 2
 
 
 def test_collapse_monitors_on_known_cases():
