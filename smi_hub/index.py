@@ -303,8 +303,8 @@ class EmbeddingIndex:
         Approximate kinds are trained on ``train_size`` rows sampled evenly at random (default
         ``64 * nlist``, at least 10 000), vectors are added in chunks, then ``queries`` rows
         that were not in the training sample are searched exactly and approximately: the
-        smallest ``nprobe`` / ``efSearch`` reaching ``target_recall`` (recall@10) is kept
-        unless given, and the build report (kind, factory, recall@10, knob, times) is stored
+        smallest ``nprobe`` / ``efSearch`` reaching ``target_recall`` (recall@10; or where
+        doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
         """
         from smi_hub.feature_store import FeatureStore
@@ -364,8 +364,8 @@ class EmbeddingIndex:
         perm = torch.randperm(n, generator=g)
         t_train = 0.0
         train_ids = torch.empty(0, dtype=torch.long)
-        if index.kind != "flat":
-            want = train_size or max(10_000, 64 * _nlist(n))
+        if index.kind != "flat":  # HNSW needs no training: a token sample creates it
+            want = train_size or (1000 if index.kind == "hnsw" else max(10_000, 64 * _nlist(n)))
             train_ids = perm[: min(n, want)].sort().values
             t1 = time.perf_counter()
             index.train(rows(train_ids))
@@ -394,12 +394,16 @@ class EmbeddingIndex:
             given = ef_search if index.kind == "hnsw" else nprobe
             limit = 4096 if index.kind == "hnsw" else _nlist(n)
             candidates = [given] if given else [v for v in KNOBS if v <= limit] or [1]
-            for value in candidates:
-                index._set_knob(knob, value)
-                found = index.search(q, k=k).indices
-                recall = recall_at_k(found, truth)
-                if recall >= target_recall:
+            value, recall = candidates[0], -1.0
+            for v in candidates:  # smallest knob reaching the target, or where recall plateaus
+                index._set_knob(knob, v)
+                r = recall_at_k(index.search(q, k=k).indices, truth)
+                if r < recall + 0.002:
                     break
+                value, recall = v, r
+                if r >= target_recall:
+                    break
+            index._set_knob(knob, value)
             if index.kind == "hnsw":
                 index.ef_search = value
             else:
