@@ -26,6 +26,7 @@ def _cli(capsys, argv: list[str]) -> tuple[dict, str]:
     return json.loads(open(out).read()), err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe,lr", [("barlow_twins", 0.3), ("vicreg", 0.02)])
 def test_reference_linear_protocol_on_the_embedded_default(tmp_path, capsys, recipe, lr):
     out = tmp_path / "linear.json"
@@ -104,6 +105,7 @@ def test_digits_source_is_a_fixed_stratified_split():
         evaluate.DigitsDataset("val")
 
 
+@pytest.mark.slow
 def test_transfer_to_digits_on_the_embedded_default(tmp_path, capsys):
     out = tmp_path / "transfer.json"
     result, err = _cli(capsys, [
@@ -136,6 +138,7 @@ def test_per_class_report_matches_a_naive_count():
     assert report["classes"] == ["a", "b", "c", "d"]
 
 
+@pytest.mark.slow
 def test_knn_and_fast_linear_write_per_class_results(tmp_path, capsys):
     out = tmp_path / "knn.json"
     result, _ = _cli(capsys, [
@@ -149,6 +152,7 @@ def test_knn_and_fast_linear_write_per_class_results(tmp_path, capsys):
     assert diag / 5 == pytest.approx(result["metrics"]["top1"])
 
 
+@pytest.mark.slow
 def test_semisup_fine_tunes_on_a_pinned_class_balanced_subset(tmp_path, capsys):
     from smi_hub.fashion_mnist import FashionMNIST
 

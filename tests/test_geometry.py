@@ -54,6 +54,7 @@ def test_geometry_metrics_known_cases():
     assert collapsed["uniformity"] > m["uniformity"]  # collapsed: far less uniform
 
 
+@pytest.mark.slow
 def test_cli_on_the_embedded_default_and_random_init(tmp_path, capsys):
     out, png = tmp_path / "geometry.json", tmp_path / "geometry.png"
     argv = [
