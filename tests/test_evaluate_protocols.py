@@ -77,6 +77,10 @@ def test_default_resize_comes_from_the_model_preprocessing(tmp_path):
     big = SMIModel(arch="resnet18", base_width=4, projector_dims=[], image_size=224)
     assert evaluate.default_resize_ratio(small) == 1.0
     assert round(224 * evaluate.default_resize_ratio(big)) == 256  # Resize(256) -> Crop(224)
+    from types import SimpleNamespace
+
+    loaded = SimpleNamespace(config=big.config, image_size=224, pretrained_cfg={"crop_pct": 0.8})
+    assert round(224 * evaluate.default_resize_ratio(loaded)) == 280  # timm's crop_pct wins
     train_tf, test_tf = evaluate.reference_transforms(224, [0.5] * 3, [0.5] * 3, 256 / 224)
     from PIL import Image
 

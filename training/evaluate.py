@@ -404,12 +404,16 @@ def model_fingerprint(model: SMIModel) -> str:
 
 
 def default_resize_ratio(model: SMIModel) -> float:
-    """The evaluation resize the model's weights expect (``smi_hub.registry.preprocessing``
-    of its config, or of the ``resize_ratio`` its weights folder records): short side
-    ``image_size * ratio``, then center crop ``image_size``."""
+    """The evaluation resize the model's weights expect: short side ``image_size * ratio``,
+    then center crop ``image_size``. From its ``pretrained_cfg`` (timm's ``crop_pct`` =
+    1 / ratio, or a recorded ``resize_ratio``), else ``smi_hub.registry.preprocessing`` of
+    its config (256/224 for 224 px models, 1.0 up to 64 px)."""
     from smi_hub.registry import preprocessing
 
-    recorded = (getattr(model, "pretrained_cfg", None) or {}).get("resize_ratio")
+    pre = getattr(model, "pretrained_cfg", None) or {}
+    recorded = pre.get("resize_ratio")
+    if recorded is None and pre.get("crop_pct"):
+        recorded = 1.0 / float(pre["crop_pct"])
     resize = preprocessing(model.config, recorded)["resize"]
     return resize / model.image_size
 
