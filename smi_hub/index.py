@@ -370,12 +370,16 @@ class EmbeddingIndex:
             t1 = time.perf_counter()
             index.train(rows(train_ids))
             t_train = time.perf_counter() - t1
+        if index.kind == "flat":
+            index.embeddings = torch.empty(n, dim)  # filled in place: no growing copies
+        pos = 0
         for part in chunks():
             if index.kind == "flat":
-                index.add(part, labels=labels[len(index) : len(index) + part.shape[0]])
+                index.embeddings[pos : pos + part.shape[0]] = part
             else:
                 index._faiss.add(part.numpy())
-                index.labels.extend(labels[len(index) : len(index) + part.shape[0]])
+            pos += part.shape[0]
+        index.labels = labels
         t_built = time.perf_counter() - t0
         report: dict[str, Any] = {
             "kind": index.kind,
