@@ -6,6 +6,8 @@ import io
 import math
 import os
 import random
+import re
+import zipfile
 from pathlib import Path
 from unittest.mock import Mock
 
@@ -92,14 +94,125 @@ def test_load_checkpoint_rejects_foreign_and_unsafe_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_load_errors_name_the_file_and_the_problem(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "smi-hub-checkpoint", "obj": random.Random(0)}, evil)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(evil)
+    assert str(e.value) == (
+        f"{evil} contains non-tensor Python objects (random.Random) and is refused for safety: "
+        "smi-hub loads checkpoints with torch.load(weights_only=True) and never unpickles "
+        "arbitrary objects."
+    )
+    foreign = tmp_path / "foreign.pt"  # an intact zip archive that is not a torch checkpoint
+    with zipfile.ZipFile(foreign, "w") as z:
+        z.writestr("notes.txt", "hello")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(foreign)
+    assert str(e.value) == (
+        f"{foreign} could not be read as a safe (weights_only) checkpoint (RuntimeError); it is "
+        "truncated, corrupted or not a torch checkpoint."
+    )
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a zip archive")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(junk)
+    assert str(e.value).startswith(f"{junk} is not a torch checkpoint archive (")
+    assert str(e.value).endswith(
+        ") and has no .sha256 checksum file: it is truncated, overwritten or not a checkpoint."
+    )
+
+
+def test_load_checkpoint_reads_safely_on_the_asked_device(tmp_path, monkeypatch):
+    """weights_only=True is passed explicitly (torch < 2.6, allowed by setup.cfg, defaults to
+    False), and so is map_location."""
+    save_checkpoint({"step": 1}, tmp_path)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    load_checkpoint(tmp_path / "last.pt")
+    load_checkpoint(tmp_path / "last.pt", map_location="meta")
+    assert calls == [
+        {"map_location": "cpu", "weights_only": True},
+        {"map_location": "meta", "weights_only": True},
+    ]
+
+
+def test_checkpoint_versions_defaults_and_run_folders(tmp_path):
+    run = tmp_path / "run"
+    for step in range(1, 6):  # keep_last defaults to 3
+        save_checkpoint({"step": step}, run / "checkpoints")
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == [
+        "checkpoint_00000003.pt",
+        "checkpoint_00000004.pt",
+        "checkpoint_00000005.pt",
+    ]
+    raw = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert (raw["format"], raw["version"], raw["step"]) == ("smi-hub-checkpoint", 1, 5)
+    assert load_checkpoint(run)["step"] == 5  # a run folder: its checkpoints/ subfolder
+    # a checkpoint without a version (the first format) loads; a newer version is refused
+    torch.save({"format": "smi-hub-checkpoint", "step": 7}, tmp_path / "v0.pt")
+    assert load_checkpoint(tmp_path / "v0.pt")["step"] == 7
+    torch.save({"format": "smi-hub-checkpoint", "version": 2}, tmp_path / "v2.pt")
+    with pytest.raises(CheckpointError, match="version 2; this smi-hub reads up to 1"):
+        load_checkpoint(tmp_path / "v2.pt")
+
+
+def test_pruning_tolerates_checkpoints_without_sidecar(tmp_path):
+    torch.save({"format": "smi-hub-checkpoint", "version": 1, "step": 1}, tmp_path / "x.pt")
+    (tmp_path / "x.pt").rename(tmp_path / "checkpoint_00000001.pt")  # older smi-hub: no .sha256
+    for step in (2, 3):
+        save_checkpoint({"step": step}, tmp_path, keep_last=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_00000003.pt"]
+
+
+def test_damaged_sidecars_and_checkpoints_are_reported(tmp_path, caplog):
+    save_checkpoint({"step": 1}, tmp_path, keep_last=5)
+    save_checkpoint({"step": 2}, tmp_path, keep_last=5)
+    last, two = tmp_path / "last.pt", tmp_path / "checkpoint_00000002.pt"
+    for content in (b"", b"\xff\xfe not utf-8 \xff"):  # empty, undecodable
+        (tmp_path / "checkpoint_00000001.pt.sha256").write_bytes(content)
+        with pytest.raises(CheckpointError, match="does not hold a SHA-256 digest"):
+            load_checkpoint(tmp_path / "checkpoint_00000001.pt")
+    data = bytearray(two.read_bytes())
+    data[-30] ^= 0xFF
+    two.write_bytes(bytes(data))  # also damages last.pt: the same file (hard link)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(two)
+    assert re.search(
+        r"sha256 [0-9a-f]{12}\.\.\., expected [0-9a-f]{12}\.\.\.\): it was modified", str(e.value)
+    )
+    problems = []
+    for p in (last, two):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(p)
+        problems.append(str(e.value))
+    (tmp_path / "checkpoint_00000001.pt.sha256").unlink()  # checkpoint 1: CRC-checked, intact
+    with caplog.at_level("WARNING", logger="training.checkpoint"):
+        assert find_latest(tmp_path) == tmp_path / "checkpoint_00000001.pt"
+    assert caplog.records[-1].getMessage() == (
+        f"Skipping damaged checkpoints: {' '.join(problems)} Using "
+        f"{tmp_path / 'checkpoint_00000001.pt'}."
+    )
+    (tmp_path / "checkpoint_00000001.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError) as e:
+        find_latest(tmp_path)
+    assert str(e.value).startswith(f"No intact checkpoint in {tmp_path}: {' '.join(problems)} ")
+    assert str(e.value).endswith(
+        " Restore a checkpoint from a backup, or start a new run in another output_dir."
+    )
+
+
 def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)
+    np.random.standard_normal()  # leaves a cached Gaussian in numpy's legacy state
     random.seed(3)
+    random.gauss(0.0, 1.0)  # and in Python's
     save_checkpoint({"step": 1, "rng": rng_state()}, tmp_path)
-    expected = (torch.rand(3), np.random.rand(3), random.random())
+    expected = (torch.rand(3), np.random.standard_normal(3), random.gauss(0.0, 1.0))
     set_rng_state(load_checkpoint(tmp_path)["rng"])
-    got = (torch.rand(3), np.random.rand(3), random.random())
+    got = (torch.rand(3), np.random.standard_normal(3), random.gauss(0.0, 1.0))
     assert torch.equal(expected[0], got[0])
     assert np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
