@@ -217,6 +217,19 @@ def test_rng_state_round_trip_through_a_safe_checkpoint(tmp_path):
     assert np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_state_round_trip(tmp_path):
+    torch.cuda.manual_seed_all(5)
+    torch.rand(1, device="cuda")  # initializes CUDA
+    save_checkpoint({"step": 1, "rng": rng_state()}, tmp_path)
+    state = load_checkpoint(tmp_path, map_location="cpu")["rng"]
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    expected = torch.rand(4, device="cuda")
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
 def test_param_groups_exclude_bias_and_norm():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     decay, no_decay = param_groups(model, 1e-4, exclude_bias_bn=True)
