@@ -1,12 +1,20 @@
-"""The test suite's own rules: no silent skips (tests/conftest.py)."""
+"""Gaps a mutation run (make mutation, docs/testing.md) found, and the suite's own rule: no
+silent skips (tests/conftest.py)."""
 
+import contextlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from smi_hub.errors import ImageLoadError
+from smi_hub.images import check_size, decode_cost, load_image, to_rgb
 
 CONFTEST = Path(__file__).with_name("conftest.py")
 
 
+@pytest.mark.slow
 def test_a_skip_fails_the_run_unless_marked_gpu(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONFTEST.read_text())
     pytester.makeini("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
@@ -57,3 +65,100 @@ def test_never_collected():
             "test_silent.py::test_missing_dependency: *no_such_module_anywhere*",
         ]
     )
+
+
+# ---- smi_hub.images: the exact conversion rules of its module docstring ----------------------
+
+
+def _gray(image: Image.Image) -> np.ndarray:
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape[-1] == 3 and (rgb == rgb[..., :1]).all()  # gray replicated
+    return rgb[..., 0]
+
+
+def test_sixteen_bit_images_scale_by_65535():
+    values = np.array([[0, 1, 128, 257, 32768, 65535]], dtype=np.uint16)
+    expected = np.rint(values / 65535 * 255)
+    assert (_gray(Image.fromarray(values, mode="I;16")) == expected).all()
+    as_int = Image.fromarray(values.astype(np.int32), mode="I")  # how 16-bit PNGs often open
+    assert (_gray(as_int) == expected).all()
+    # an I image outside 0..65535 is scaled by its own range
+    wide = np.array([[-1000, 0, 70000]], dtype=np.int32)
+    assert _gray(Image.fromarray(wide, mode="I")).tolist() == [[0, 4, 255]]  # 1000 / 71000
+
+
+def test_float_images_scale_by_255_or_their_range():
+    unit = np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32)
+    assert _gray(Image.fromarray(unit, mode="F")).tolist() == [[0, 64, 128, 255]]
+    wider = np.array([[0.0, 0.5, 2.0]], dtype=np.float32)  # not in [0, 1]: min..max
+    assert _gray(Image.fromarray(wider, mode="F")).tolist() == [[0, 64, 255]]
+    for constant, gray in [(300.0, 255), (-5.0, 0), (0.4, 102), (100.0, 100)]:
+        flat = np.full((2, 2), constant, dtype=np.float32)  # constant: clipped to 0..255
+        assert (_gray(Image.fromarray(flat, mode="F")) == gray).all(), constant
+    # NaN and infinities count as 0 before scaling
+    odd = np.array([[0.0, 0.5, np.nan, np.inf, -np.inf]], dtype=np.float32)
+    assert _gray(Image.fromarray(odd, mode="F")).tolist() == [[0, 128, 0, 0, 0]]
+
+
+def test_rgb_images_are_returned_as_they_are():
+    rgb = Image.new("RGB", (3, 2), (10, 20, 30))
+    assert to_rgb(rgb) is rgb
+
+
+@pytest.mark.parametrize(
+    "mode, per_pixel",
+    [
+        ("1", 1 + 4),
+        ("L", 1 + 4),
+        ("P", 1 + 16),  # a palette may be transparent: composited like RGBA
+        ("LA", 4 + 16),
+        ("RGBA", 4 + 16),
+        ("RGB", 4 + 0),  # no conversion
+        ("CMYK", 4 + 4),
+        ("I;16", 2 + 22),  # float64 copy, scaled copy, uint8, L, RGB
+        ("I", 4 + 22),
+        ("F", 4 + 22),
+    ],
+)
+def test_decode_cost_per_mode(mode, per_pixel):
+    assert decode_cost(30, 20, mode) == 600 * per_pixel
+
+
+def test_size_limits_and_their_messages():
+    check_size(100, 100, "RGB", max_pixels=10_000, max_decode_bytes=40_000)  # exactly at both
+    with pytest.raises(ImageLoadError) as e:
+        check_size(100, 101, "RGB", max_pixels=10_000)
+    assert str(e.value) == (
+        "image: 100x101 pixels is more than the limit of 10,000; downscale the image first or "
+        "raise max_pixels."
+    )
+    with pytest.raises(ImageLoadError) as e:
+        check_size(1024, 1024, "F", max_decode_bytes=2**20 * 25)
+    assert str(e.value) == (
+        "image: decoding this 1024x1024 F image needs about 26 MiB, more than the budget of "
+        "25 MiB; downscale it or convert it to 8-bit RGB first, or raise max_decode_bytes."
+    )
+
+
+def test_load_image_messages_name_the_file_and_the_error(tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError, match=r": not a readable image \(UnidentifiedImageError: "):
+        load_image(junk)
+    big = tmp_path / "big.png"
+    Image.new("L", (64, 64)).save(big)
+    with pytest.raises(ImageLoadError, match=r"^.*big\.png: 64x64 pixels is more than the limit"):
+        load_image(big, max_pixels=100)
+    with pytest.raises(ImageLoadError, match=r"downscale it first\.$"), pillow_bomb_limit():
+        load_image(big)
+
+
+@contextlib.contextmanager
+def pillow_bomb_limit():
+    """Pillow's own decompression-bomb error, raised as Pillow raises it for huge files."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000  # 64 x 64 is more than twice that: DecompressionBombError
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
