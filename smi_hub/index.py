@@ -3,7 +3,8 @@
 Kinds (faiss ``index_factory`` strings on L2-normalized vectors, inner product):
 
 - ``flat``: exact search, vectors in memory (torch matmul + top-k, or faiss ``IndexFlatIP``);
-- ``ivf`` (``IVF{nlist},Flat``), ``ivfsq`` (``IVF{nlist},SQ8``: 1 byte per dimension),
+- ``ivf`` (``IVF{nlist},Flat``), ``ivfsq`` (``IVF{nlist},SQfp16``: 2 bytes per dimension, or
+  ``SQ8``: 1 byte, when 16-bit does not fit the memory budget),
   ``ivfpq`` (``IVF{nlist},PQ{m}x4fs``: 4-bit fast-scan PQ, m / 2 bytes per vector),
   ``hnsw`` (``HNSW32,Flat``);
 - ``auto``: picks one from the vector count and a memory budget, as autofaiss does: exact
@@ -110,8 +111,9 @@ def factory_string(kind: str, n: int, dim: int, memory_budget: int = DEFAULT_BUD
         return "Flat"
     if kind == "ivf":
         return f"IVF{nlist},Flat"
-    if kind == "ivfsq":
-        return f"IVF{nlist},SQ8"
+    if kind == "ivfsq":  # 16-bit floats when they fit the budget, else 8-bit codes
+        fp16 = 1.1 * n * dim * 2 + nlist * dim * 4 + n * 8 + (64 << 20) <= memory_budget
+        return f"IVF{nlist},{'SQfp16' if fp16 else 'SQ8'}"
     if kind == "ivfpq":  # 4-bit fast-scan PQ: m / 2 bytes per vector
         m = dim // 2 if dim % 2 == 0 else dim
         while m % 4 == 0 and n * (m // 2 + 8) > memory_budget:
@@ -127,7 +129,7 @@ def _kind_of(factory: str) -> str:
         return "flat"
     if factory.startswith("HNSW"):
         return "hnsw"
-    return {"Flat": "ivf", "SQ8": "ivfsq"}.get(factory.split(",")[1], "ivfpq")
+    return {"Flat": "ivf", "SQ8": "ivfsq", "SQfp16": "ivfsq"}.get(factory.split(",")[1], "ivfpq")
 
 
 def _exact_topk(

@@ -86,7 +86,8 @@ def test_full_probe_ivf_is_exact_and_knobs_trade_recall(data):
 def test_auto_choice_follows_count_and_budget(data, monkeypatch):
     assert factory_string("auto", 50_000, 512, parse_bytes("2GB")) == "Flat"
     assert factory_string("auto", 1_000_000, 512, parse_bytes("8GB")) == "IVF2048,Flat"
-    assert factory_string("auto", 1_000_000, 512, parse_bytes("2GB")) == "IVF2048,SQ8"
+    assert factory_string("auto", 1_000_000, 512, parse_bytes("2GB")) == "IVF2048,SQfp16"
+    assert factory_string("auto", 1_000_000, 512, parse_bytes("1GB")) == "IVF2048,SQ8"
     assert factory_string("auto", 1_000_000, 512, parse_bytes("200MB")) == "IVF2048,PQ256x4fs"
     assert factory_string("auto", 10_000_000, 512, parse_bytes("1GB")) == "IVF8192,PQ128x4fs"
     assert factory_string("auto", 10_000_000, 512, parse_bytes("500MB")) == "IVF8192,PQ64x4fs"
