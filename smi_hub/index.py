@@ -452,7 +452,8 @@ class EmbeddingIndex:
         k = max(1, min(int(k), len(self)))
         if self.kind == "flat" and self.backend == "torch":
             assert self.embeddings is not None
-            parts = [torch.topk(chunk @ self.embeddings.T, k, dim=1) for chunk in q.split(1024)]
+            step = max(1, min(1024, (1 << 26) // len(self)))  # score blocks of <= 256 MB
+            parts = [torch.topk(chunk @ self.embeddings.T, k, dim=1) for chunk in q.split(step)]
             scores = torch.cat([p.values for p in parts])
             indices = torch.cat([p.indices for p in parts])
         else:
