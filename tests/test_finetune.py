@@ -16,6 +16,7 @@ import smi_hub
 from smi_hub import fashion_mnist
 from smi_hub.cli import main as cli_main
 from training import finetune as ft
+from training.checkpoint import load_checkpoint
 from training.finetune import (
     FinetuneConfig,
     FinetuneError,
@@ -184,14 +185,17 @@ def test_bf16_frozen_backbone_and_random_init(tmp_path):
     """bf16 autocast runs on CPU; backbone_lr=0 leaves every backbone tensor (BN statistics
     included) unchanged; random_init starts from other weights than the pretrained ones."""
     cfg = FinetuneConfig(
-        out=str(tmp_path / "f"), train_subset=96, test_subset=64, max_steps=3, batch_size=32,
-        backbone_lr=0.0, precision="bf16", progress=False,
+        out=str(tmp_path / "f"), train_subset=128, test_subset=64, max_steps=7, batch_size=32,
+        val_fraction=0.25, backbone_lr=0.0, precision="bf16", progress=False,
     )  # fmt: skip
-    result = ft.finetune(cfg)
+    result = ft.finetune(cfg)  # 3 steps per epoch: validations after steps 3 and 6
     assert result["settings"]["precision"] == "bf16"
     base, tuned = smi_hub.load(), smi_hub.load(tmp_path / "f")
-    bs, ts = base.backbone_state_dict(), tuned.backbone_state_dict()
-    assert all(torch.equal(bs[k], ts[k]) for k in bs)
+    last = load_checkpoint(tmp_path / "f" / "checkpoints" / "last.pt")["model"]
+    assert int(load_checkpoint(tmp_path / "f" / "checkpoints" / "last.pt")["step"]) == 7
+    bs = base.backbone_state_dict()
+    for state in (tuned.backbone_state_dict(), last):  # the best and the last step
+        assert all(torch.equal(bs[k], state[k]) for k in bs)
     rnd = ft.build_model(FinetuneConfig(random_init=True), 10, [str(i) for i in range(10)])
     assert not torch.equal(rnd.conv1.weight, base.conv1.weight)
 

@@ -517,14 +517,14 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", file=sys.stderr)
-    net.train()
-    if frozen:  # a frozen backbone keeps its BatchNorm statistics
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
     for epoch in range(start_epoch, cfg.epochs):
         if step >= total_steps:
             break
+        net.train()  # (validation switched to eval mode)
+        if frozen:  # a frozen backbone keeps its BatchNorm statistics
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         first = start_batch if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first)
         train_ds.set_epoch(epoch)
