@@ -399,7 +399,8 @@ class EmbeddingIndex:
             knob = "efSearch" if index.kind == "hnsw" else "nprobe"
             given = ef_search if index.kind == "hnsw" else nprobe
             limit = 4096 if index.kind == "hnsw" else _nlist(n)
-            candidates = [given] if given else [v for v in KNOBS if v <= limit] or [1]
+            low = 16 if index.kind == "hnsw" else 1  # faiss' HNSW uses max(efSearch, k) anyway
+            candidates = [given] if given else [v for v in KNOBS if low <= v <= limit] or [1]
             value, recall = candidates[0], -1.0
             for v in candidates:  # smallest knob reaching the target, or where recall plateaus
                 index._set_knob(knob, v)
