@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from smi_hub.errors import ImageLoadError
-from smi_hub.images import check_size, decode_cost, load_image, to_rgb
+from smi_hub.images import check_size, decode_cost, list_images, load_image, to_rgb
 
 CONFTEST = Path(__file__).with_name("conftest.py")
 
@@ -85,6 +85,43 @@ def test_sixteen_bit_images_scale_by_65535():
     # an I image outside 0..65535 is scaled by its own range
     wide = np.array([[-1000, 0, 70000]], dtype=np.int32)
     assert _gray(Image.fromarray(wide, mode="I")).tolist() == [[0, 4, 255]]  # 1000 / 71000
+
+
+def test_high_bit_depth_rules_at_their_edges():
+    """Where the 16-bit rule and the min..max rule give different pixels, each mode takes its
+    documented rule, rounded to the nearest integer."""
+    fits = np.array([[0, 1000, 30000]], dtype=np.int32)  # an I image within 0..65535: 16-bit
+    as16 = np.rint(fits / 65535 * 255)
+    assert (_gray(Image.fromarray(fits, mode="I")) == as16).all()
+    top = np.array([[20000, 30000, 65407, 65535]], dtype=np.int32)  # up to 65535 exactly
+    assert (_gray(Image.fromarray(top, mode="I")) == np.rint(top / 65535 * 255)).all()
+    over = np.array([[10000, 30000, 65536]], dtype=np.int32)  # past 65535: min..max
+    assert (_gray(Image.fromarray(over, mode="I")) == np.rint((over - 10000) / 55536 * 255)).all()
+    unit = np.linspace(0.0, 1.0, 101, dtype=np.float32)[None]  # F in [0, 1]: times 255
+    expected = np.rint(unit.astype(np.float64) * 255)
+    assert (_gray(Image.fromarray(unit, mode="F")) == expected).all()
+    upper = np.linspace(0.5, 1.0, 51, dtype=np.float32)[None]  # reaching 1.0 exactly
+    expected = np.rint(upper.astype(np.float64) * 255)
+    assert (_gray(Image.fromarray(upper, mode="F")) == expected).all()
+    spread = np.linspace(-3.0, 7.0, 101, dtype=np.float32)[None]  # min..max
+    expected = np.rint((spread.astype(np.float64) + 3.0) * (255.0 / 10.0))
+    assert (_gray(Image.fromarray(spread, mode="F")) == expected).all()
+
+
+def test_list_images_lists_images_only(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "sub/b.JPG", "notes.txt", "c.png.bak"):
+        (tmp_path / name).write_bytes(b"x")
+    assert list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "sub" / "b.JPG"]
+    with pytest.raises(FileNotFoundError) as e:
+        list_images(tmp_path / "nowhere")
+    assert str(e.value) == f"{tmp_path / 'nowhere'} is not a folder of images."
+    with pytest.raises(ImageLoadError) as e:
+        load_image(tmp_path / "sub")  # a folder where an image was expected
+    assert str(e.value) == (
+        f"{tmp_path / 'sub'}: a folder that could not be listed (permission denied?); its "
+        "images were not read. Make it readable (chmod a+rx) and run again."
+    )
 
 
 def test_float_images_scale_by_255_or_their_range():
