@@ -145,7 +145,7 @@ def test_model_defaults_are_unchanged():
     """Without the new options: torchvision's init and bias-free projector (the embedded
     default and the Fashion-MNIST recipes depend on it)."""
     model = SMIModel(arch="resnet18", base_width=8, small_stem=True, projector_dims=[16, 8])
-    assert float(model.layer1[0].bn2.weight.min()) == 1.0
+    assert float(model.layer1[0].bn2.weight.detach().min()) == 1.0
     assert model.projector[0].bias is None
     assert "projector_bias" not in model.config
     with_bias = SMIModel(arch="resnet18", base_width=8, small_stem=True, projector_dims=[16, 8],
