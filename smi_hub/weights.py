@@ -32,6 +32,7 @@ ARCH_KEYS = (
     "base_width",
     "small_stem",
     "projector_dims",
+    "projector_bias",
     "image_size",
     "mean",
     "std",

@@ -71,9 +71,7 @@ def test_small_stem_shapes(arch, size, spatial):
     model.eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        inter = model.forward_stages(
-            x, layers=("stem", "layer1", "layer2", "layer3", "layer4")
-        )
+        inter = model.forward_stages(x, layers=("stem", "layer1", "layer2", "layer3", "layer4"))
         features = model.forward_features(x)
         pooled, out = model.embed(x), model(x)
     e = EXPANSION[arch]
@@ -245,3 +243,19 @@ except WeightsError as e:
     assert out.returncode == 0, out.stderr[-2000:]  # no LocalEntryNotFoundError traceback
     assert "WeightsError: 'smi-hub/not-cached' is not in the Hugging Face cache" in out.stdout
     assert "HF_HUB_OFFLINE=1" in out.stdout
+
+
+def test_projector_bias_round_trips_through_a_weights_folder(tmp_path):
+    """VICReg's projector has hidden biases: the option must survive save + strict load."""
+    from smi_hub.weights import load_weights_folder, save_weights_folder
+
+    model = SMIModel(
+        arch="resnet18", base_width=8, small_stem=True, projector_dims=[32, 16],
+        image_size=28, projector_bias=True,
+    )  # fmt: skip
+    assert model.projector[0].bias is not None
+    save_weights_folder(model, tmp_path / "w", with_projector=True)
+    loaded = load_weights_folder(tmp_path / "w")
+    assert loaded.projector_bias
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
