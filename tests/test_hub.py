@@ -458,6 +458,54 @@ def _raising_snapshot_download(monkeypatch, exc: BaseException) -> list[dict]:
     return calls
 
 
+def test_hf_download_arguments_are_passed_through(monkeypatch, folder, tmp_path):
+    import huggingface_hub
+
+    from smi_hub.weights import resolve_hf_folder
+
+    calls: list[dict] = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw) or str(folder)
+    )
+    assert resolve_hf_folder("smi-hub/tiny") == folder
+    got = resolve_hf_folder(
+        "smi-hub/tiny", revision="v1", cache_dir=tmp_path / "c", force_download=True,
+        local_files_only=True, token="hf_x",
+    )  # fmt: skip
+    assert got == folder
+    files = ["config.json", "model.safetensors", "README.md"]  # nothing else is downloaded
+    assert calls == [
+        {"repo_id": "smi-hub/tiny", "revision": None, "cache_dir": None, "force_download": False,
+         "local_files_only": False, "token": None, "allow_patterns": files},
+        {"repo_id": "smi-hub/tiny", "revision": "v1", "cache_dir": tmp_path / "c",
+         "force_download": True, "local_files_only": True, "token": "hf_x", "allow_patterns": files},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx2"])
+def test_http_client_transport_errors_become_download_errors(monkeypatch, client):
+    import importlib
+
+    from smi_hub.weights import resolve_hf_folder
+
+    module = importlib.import_module(client)
+    _raising_snapshot_download(monkeypatch, module.ConnectError("refused"))
+    with pytest.raises(DownloadError, match=r"'smi-hub/missing'.*ConnectError"):
+        resolve_hf_folder("smi-hub/missing")
+
+
+def test_hf_offline_read_from_huggingface_hub_constants(monkeypatch):
+    """HF_HUB_OFFLINE exported before huggingface_hub was imported (its constants say so)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from smi_hub.weights import resolve_hf_folder
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _raising_snapshot_download(monkeypatch, LocalEntryNotFoundError("not cached"))
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE=0"):
+        resolve_hf_folder("smi-hub/not-cached")
+
+
 def test_hf_not_cached_offline_says_how_to_fix(monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
