@@ -7,8 +7,9 @@ default, sends no analytics and uses no network: the default model is the embedd
 split (``smi_hub.default_gallery()``). Visitors can load only the models the page offers (the
 available registry models and every ``--model``) unless ``--allow-any-model`` is given.
 
-The work is done by :class:`SearchEngine` (no Gradio in it, unit-tested directly); :func:`build_app`
-wires it to the page and :func:`main` parses the command line and launches the server.
+The work is done by ``SearchEngine`` in ``demo/engine.py`` (no Gradio in it, unit-tested
+directly; loaded as :data:`core`); :func:`build_app` wires it to the page and :func:`main` parses
+the command line and launches the server.
 """
 
 from __future__ import annotations
@@ -19,542 +20,50 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 
 import argparse
 import contextlib
-import copy
-import hashlib
-import json
+import importlib.util
 import socket
 import sys
-import threading
 import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from types import ModuleType
+from typing import Any
 
 import gradio as gr
-import numpy as np
-import torch
 from PIL import Image
 
-import smi_hub
-from smi_hub.download import cache_dir
-from smi_hub.errors import ImageLoadError, SMIHubError
-from smi_hub.gallery import label_of
-from smi_hub.images import IMAGE_EXTENSIONS, check_size, list_images, load_image, to_rgb
-from smi_hub.registry import DEFAULT_MODEL, REGISTRY, list_models
-from smi_hub.weights import validate_config
+from smi_hub.registry import DEFAULT_MODEL
 
-CACHE_FORMAT = 1
-# query images: refused from their header, before decoding, above these (far below Pillow's
-# decompression-bomb limit of 179 M pixels); --max-pixels changes the first
-MAX_PIXELS = 40_000_000
-MAX_DECODE_BYTES = 512 << 20
+
+def _load_sibling(name: str) -> ModuleType:
+    """``demo/<name>.py`` loaded by path, once per process: this file runs as a script, loaded
+    by path (``smi-hub demo``, the tests) or imported, and the demo folder is no package."""
+    key = f"smi_hub_demo_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
+
+
+core = _load_sibling("engine")  # the model, gallery index, searches and maps
+
 SEARCH_CONCURRENCY = 4  # searches served at once: one slow query does not hold up the others
 MAX_UPLOAD = "50mb"
-DISPLAY_SIZE = 224  # px of the longer side of displayed images (28 px images: x8, nearest)
 MAX_K = 20
-EXAMPLES = 10
-# UI label -> localization_map method (the value the page and the API use)
-MAP_TYPES = {
-    "similarity (own embedding; neighbours: match to the query)": "similarity",
-    "Grad-CAM (gallery class-mean probe, query's class)": "gradcam",
-}
 _GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 # tiny images: show the pixels (no smoothing) and let the query fill its box
 CSS = """
 #query img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 #query-map img, #neighbours img { image-rendering: pixelated; }
 """
-
-
-_MODEL_STATE = (
-    "model",
-    "model_name",
-    "model_key",
-    "model_error",
-    "index",
-    "index_dir",
-    "cache_hit",
-    "skipped",
-    "probe",
-    "classes",
-)
-
-
-class DemoError(Exception):
-    """A problem to show to the user (bad input, no model, empty gallery ...)."""
-
-
-class Match(NamedTuple):
-    """One neighbour: gallery file, class label (its folder) and cosine similarity."""
-
-    path: Path
-    label: str
-    score: float
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-def model_sha256(model: torch.nn.Module) -> str:
-    """The weights' sha256: ``weights_sha256`` of the folder the model was loaded from, else
-    the sha256 of its state dict (names and bytes)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("weights_sha256"):
-        return str(cfg["weights_sha256"])
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def gallery_signature(gallery: Path, files: Sequence[Path]) -> str:
-    """sha256 of the gallery's file list with sizes and modification times."""
-    rows = []
-    for p in files:
-        st = p.stat() if p.exists() else p.lstat()  # a broken link is listed, and skipped
-        rows.append([p.relative_to(gallery).as_posix(), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def class_label(path: Path, gallery: Path) -> str:
-    """Class of a gallery image: its folder (Fashion-MNIST folders mapped back to class names);
-    empty for images at the top of the gallery."""
-    return "" if path.parent == gallery else label_of(path)
-
-
-def display_image(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
-    """Image resized for display: small images upscaled by an integer factor (nearest, so the
-    pixels stay sharp), large ones downscaled to fit ``size``."""
-    w, h = image.size
-    longer = max(w, h)
-    if longer < size:
-        f = max(1, size // longer)
-        return image.resize((w * f, h * f), Image.Resampling.NEAREST)
-    if longer > 2 * size:
-        s = 2 * size / longer
-        return image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
-    return image
-
-
-def render(image: Image.Image, heat: torch.Tensor | None, alpha: float) -> Image.Image:
-    """The display-size image with the heat map blended over it (``smi_hub.overlay``)."""
-    disp = display_image(image)
-    if heat is None or alpha <= 0:
-        return disp
-    return smi_hub.overlay(disp, heat, alpha=float(min(max(alpha, 0.0), 1.0)))
-
-
-def _short(text: str, n: int = 12) -> str:
-    return text[:n] if text else "?"
-
-
-# --------------------------------------------------------------------------------------------
-# the engine: model + gallery index + search + maps (no Gradio)
-# --------------------------------------------------------------------------------------------
-
-
-class SearchEngine:
-    """Holds the model and the gallery index and answers searches.
-
-    Args:
-        model: an ``SMIModel`` or anything ``smi_hub.load`` accepts (None: the embedded default).
-        gallery: folder of images, class folders optional (None: ``smi_hub.default_gallery()``).
-        cache_root: where gallery embeddings are cached (default ``<smi_hub cache>/demo``).
-        max_pixels, max_decode_bytes: larger query images are refused before decoding.
-        progress: tqdm progress bars while embedding the gallery.
-        models: more models the page offers (names or folders), besides the registry models
-            available here and ``model``.
-        allow_any_model: let the page load any name, folder, Hugging Face repo id or URL
-            (off: only the offered models; see :meth:`may_load`).
-
-    A model or gallery that cannot be used does not raise here: the problem is kept in
-    ``model_error`` / ``gallery_error``, shown in :meth:`status_markdown` and raised as
-    ``DemoError`` by :meth:`search`.
-    """
-
-    def __init__(
-        self,
-        model: Any = None,
-        gallery: str | os.PathLike | None = None,
-        *,
-        cache_root: str | os.PathLike | None = None,
-        max_pixels: int = MAX_PIXELS,
-        max_decode_bytes: int = MAX_DECODE_BYTES,
-        progress: bool = True,
-        models: Sequence[str | os.PathLike] = (),
-        allow_any_model: bool = False,
-    ) -> None:
-        self.lock = threading.RLock()
-        self.cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "demo"
-        self.max_pixels = max_pixels
-        self.max_decode_bytes = max_decode_bytes
-        self.allow_any_model = allow_any_model
-        given = [model] if isinstance(model, str | os.PathLike) else []
-        self.offered = list(dict.fromkeys([*available_models(), *map(str, [*given, *models])]))
-        self.progress = progress
-        self.model: torch.nn.Module | None = None
-        self.model_name = ""
-        self.model_key = ""
-        self.model_error: str | None = None
-        self.gallery: Path | None = None
-        self.gallery_error: str | None = None
-        self.files: list[Path] = []
-        self.index: smi_hub.EmbeddingIndex | None = None
-        self.index_dir: Path | None = None
-        self.cache_hit = False
-        self.skipped: list[tuple[str, str]] = []
-        self.probe: torch.nn.Linear | None = None
-        self.classes: list[str] = []
-        self.set_gallery(gallery)
-        with contextlib.suppress(DemoError):  # kept in model_error; the page shows it
-            self.set_model(model)
-
-    # ---- setup -----------------------------------------------------------------------------
-
-    def set_gallery(self, gallery: str | os.PathLike | None) -> None:
-        """Use ``gallery`` (None: the default Fashion-MNIST gallery); errors go to
-        ``gallery_error``."""
-        with self.lock:
-            self.gallery, self.files, self.gallery_error = None, [], None
-            self.index = None
-            try:
-                folder = Path(gallery).expanduser() if gallery is not None else None
-                if folder is None:
-                    folder = smi_hub.default_gallery()
-                if not folder.is_dir():
-                    raise DemoError(f"The gallery {folder} is not a folder of images.")
-                folder = folder.resolve()
-                files = list_images(folder)
-                self.gallery, self.files = folder, files
-                if not files:
-                    raise DemoError(
-                        f"The gallery {folder} holds no images (searched recursively for "
-                        f"{', '.join(IMAGE_EXTENSIONS)}). Put images in it, in "
-                        "one sub-folder per class for labelled results."
-                    )
-            except (DemoError, SMIHubError, OSError) as e:
-                self.gallery_error = str(e)
-            if self.model is not None and self.gallery_error is None:
-                try:
-                    self._build_index()
-                except Exception as e:
-                    self.gallery_error = f"Could not index the gallery: {type(e).__name__}: {e}"
-
-    def may_load(self, target: str) -> bool:
-        """Whether the page may load ``target``: one of :attr:`offered`, or anything when the
-        operator allowed it. Decided on the string alone (no file or network access)."""
-        return self.allow_any_model or target in self.offered
-
-    def self_check(self, model: torch.nn.Module) -> None:
-        """``DemoError`` unless ``model`` has a valid config and gives finite features that
-        differ between a gallery image and a synthetic ramp (a degenerate model gives the
-        same features for every image, so every search would return arbitrary neighbours)."""
-        config = getattr(model, "config", None)
-        if isinstance(config, dict):
-            try:
-                validate_config(config, source="the model's config")
-            except SMIHubError as e:
-                raise DemoError(str(e)) from None
-        ramp = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
-        images = [Image.fromarray(ramp)]
-        for path in self.files[:5]:
-            with contextlib.suppress(ImageLoadError):
-                images.append(load_image(path))
-                break
-        if len(images) == 1:
-            images.append(Image.fromarray(255 - ramp))
-        feats = smi_hub.extract_features(model, images, progress=False).features
-        if len(feats) != 2 or not bool(torch.isfinite(feats).all()):
-            raise DemoError(
-                "its features of a gallery image are NaN or infinite (diverged or corrupt "
-                "weights, or a broken preprocessing config)"
-            )
-        if torch.equal(feats[0], feats[1]):
-            raise DemoError(
-                "it gives the same features for different images (constant output: a "
-                "degenerate or untrained-and-collapsed model)"
-            )
-
-    def set_model(self, model: Any = None) -> str:
-        """Load ``model`` (name, folder, repo id, URL or ``SMIModel``) and index the gallery
-        with it. On failure the previous model stays and ``DemoError`` says why."""
-        name = (
-            "(model object)"
-            if isinstance(model, torch.nn.Module)
-            else str(model or DEFAULT_MODEL).strip()
-        )
-        try:
-            loaded = (
-                model
-                if isinstance(model, torch.nn.Module)
-                else smi_hub.load(name, progress=self.progress)
-            )
-            loaded.eval()
-            self.self_check(loaded)
-            key = model_sha256(loaded)
-        except Exception as e:  # any loader problem is a message, not a crash
-            msg = f"Could not load model {name!r}: {e}"
-            with self.lock:
-                if self.model is None:
-                    self.model_error = msg
-            raise DemoError(msg) from e
-        # the new model's gallery index is built on a copy, without holding the lock: searches
-        # go on with the current model meanwhile, then the new state is swapped in at once
-        staged = copy.copy(self)
-        staged.model, staged.model_name, staged.model_key = loaded, name, key
-        try:
-            if staged.gallery_error is None and staged.gallery is not None:
-                staged._build_index()
-        except Exception as e:  # e.g. a model that cannot embed these images
-            msg = f"Could not index the gallery with model {name!r}: {type(e).__name__}: {e}"
-            with self.lock:
-                if self.model is None:
-                    self.model_error = msg
-            raise DemoError(msg) from e
-        with self.lock:
-            for attr in _MODEL_STATE:
-                setattr(self, attr, getattr(staged, attr))
-            self.model_error = None
-        return self.status_markdown()
-
-    def _cache_folder(self) -> Path:
-        assert self.gallery is not None
-        where = hashlib.sha256(str(self.gallery).encode()).hexdigest()[:12]
-        return self.cache_root / f"{self.model_key[:16]}-{where}"
-
-    def _build_index(self) -> None:
-        """Gallery embeddings from the cache when model and gallery files match, else computed
-        (tqdm bar) and cached."""
-        assert self.model is not None and self.gallery is not None
-        signature = gallery_signature(self.gallery, self.files)
-        config_digest = hashlib.sha256(
-            json.dumps(getattr(self.model, "config", {}), sort_keys=True, default=str).encode()
-        ).hexdigest()
-        meta = {
-            "cache_format": CACHE_FORMAT,
-            "model_sha256": self.model_key,
-            "model_config_sha256": config_digest,
-            "gallery": str(self.gallery),
-            "gallery_signature": signature,
-            "layer": "pooled",
-        }
-        folder = self._cache_folder()
-        index = None
-        self.cache_hit = False
-        if (folder / "index.json").is_file():
-            try:
-                cached = smi_hub.EmbeddingIndex.load(folder)
-                if {k: cached.metadata.get(k) for k in meta} == meta:
-                    index, self.cache_hit = cached, True
-                    self.skipped = [tuple(x) for x in cached.metadata.get("skipped", [])]
-            except SMIHubError:
-                index = None  # unreadable cache: rebuild it
-        if index is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # skipped files: reported below
-                result = smi_hub.extract_features(
-                    self.model, [str(p) for p in self.files], progress=self.progress
-                )
-            self.skipped = [(Path(p).name, reason) for p, reason in result.failed]
-            rel = [Path(p).relative_to(self.gallery).as_posix() for p in result.paths]
-            index = smi_hub.EmbeddingIndex(metadata={**meta, "skipped": self.skipped})
-            if len(rel):
-                index.add(result.features, labels=rel)
-                try:
-                    index.save(folder)
-                except OSError as e:  # a read-only cache costs time, not the demo
-                    print(f"smi-hub demo: embeddings not cached ({e})", file=sys.stderr)
-        self.index, self.index_dir = index, folder
-        self._build_probe()
-
-    def _build_probe(self) -> None:
-        """A linear probe for Grad-CAM: the normalized mean embedding of each gallery class."""
-        assert self.index is not None and self.gallery is not None
-        self.probe, self.classes = None, []
-        if len(self.index) == 0:
-            return
-        labels = [class_label(self.gallery / p, self.gallery) for p in self.index.labels]
-        self.classes = sorted(set(labels))
-        rows = torch.tensor([self.classes.index(x) for x in labels])
-        means = torch.zeros(len(self.classes), self.index.embeddings.shape[1])
-        means.index_add_(0, rows, self.index.embeddings)
-        probe = torch.nn.Linear(means.shape[1], len(self.classes), bias=False)
-        with torch.no_grad():
-            probe.weight.copy_(torch.nn.functional.normalize(means, dim=1))
-        self.probe = probe.eval()
-
-    # ---- queries ---------------------------------------------------------------------------
-
-    def query_image(self, image: Any) -> Image.Image:
-        """The query as RGB; ``DemoError`` for missing, unreadable or oversized images."""
-        if image is None:
-            raise DemoError("Upload an image or pick an example first.")
-        if isinstance(image, dict) and "path" in image:  # a gradio FileData payload
-            image = image["path"]
-        if isinstance(image, str | os.PathLike):
-            path = Path(image)
-            try:
-                return load_image(path, self.max_pixels, self.max_decode_bytes)
-            except ImageLoadError as e:
-                raise DemoError(str(e).replace(str(path), path.name)) from None
-        if isinstance(image, np.ndarray):
-            try:
-                image = Image.fromarray(image)
-            except (TypeError, ValueError) as e:
-                raise DemoError(f"Not an image array: {e}") from None
-        if isinstance(image, Image.Image):
-            try:
-                check_size(*image.size, image.mode, self.max_pixels, self.max_decode_bytes)
-            except ImageLoadError as e:
-                raise DemoError(str(e)) from None
-            return to_rgb(image)
-        raise DemoError(f"Not an image: got a {type(image).__name__}.")
-
-    def _ready(self) -> tuple[torch.nn.Module, smi_hub.EmbeddingIndex]:
-        if self.model is None:
-            raise DemoError(
-                self.model_error or "No model is loaded; load one under 'Model and gallery'."
-            )
-        if self.gallery_error is not None:
-            raise DemoError(self.gallery_error)
-        if self.index is None or len(self.index) == 0:
-            raise DemoError(
-                f"None of the {len(self.files)} gallery files could be read as an image"
-                + (f" ({self.skipped[0][1]})" if self.skipped else "")
-                + "."
-            )
-        return self.model, self.index
-
-    def search(self, image: Any, k: int = 5) -> tuple[Image.Image, torch.Tensor, list[Match]]:
-        """The query image, its pooled embedding and its ``k`` nearest gallery images (scores
-        descending)."""
-        pil = self.query_image(image)
-        with self.lock:
-            model, index = self._ready()
-            feats = smi_hub.extract_features(model, [pil], progress=False).features
-            found = index.search(feats, k=max(1, int(k)))
-            assert self.gallery is not None
-            matches = [
-                Match(self.gallery / rel, class_label(self.gallery / rel, self.gallery), float(s))
-                for s, rel in zip(found.scores[0].tolist(), found.labels[0], strict=True)
-            ]
-        return pil, feats[0], matches
-
-    def maps(
-        self,
-        query: Image.Image,
-        embedding: torch.Tensor,
-        matches: Sequence[Match],
-        method: str = "similarity",
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None], str]:
-        """Localization maps of the query and of each neighbour, and a note on what they show.
-
-        ``similarity``: the query's map against its own embedding; each neighbour's map against
-        the query's embedding (where it matches the query). ``gradcam``: Grad-CAM of the
-        gallery class-mean probe for the class the probe predicts for the query.
-        """
-        if method not in ("similarity", "gradcam"):
-            raise DemoError(f"Unknown map type {method!r}; use similarity or gradcam.")
-        with self.lock:
-            model, _ = self._ready()
-            kw: dict[str, Any] = {}
-            note = "similarity to the query's embedding"
-            if method == "gradcam":
-                assert self.probe is not None
-                with torch.no_grad():
-                    target = int(self.probe(embedding[None].float())[0].argmax())
-                kw = {"probe": self.probe, "target": target}
-                note = f"Grad-CAM for class '{self.classes[target] or 'gallery'}'"
-                qmap = smi_hub.localization_map(model, query, method="gradcam", **kw)
-            else:
-                qmap = smi_hub.localization_map(model, query, method="similarity")
-                kw = {"query": embedding}
-            nmaps: list[torch.Tensor | None] = []
-            for m in matches:
-                try:
-                    nmaps.append(smi_hub.localization_map(model, m.path, method=method, **kw))
-                except (ImageLoadError, OSError):
-                    nmaps.append(None)  # a gallery file changed since indexing: show it plain
-        return qmap, nmaps, note
-
-    # ---- what the page shows -----------------------------------------------------------------
-
-    def run(
-        self, image: Any, k: int = 5, map_type: str = "similarity", alpha: float = 0.4
-    ) -> tuple[list[tuple[Image.Image, str]], Image.Image | None, str]:
-        """(gallery items, query overlay, status markdown) for the page; ``DemoError`` on bad
-        input or a missing model / gallery."""
-        method = MAP_TYPES.get(map_type, map_type)
-        image = self.query_image(image)  # decoded outside the lock: other searches go on
-        with self.lock:  # the same model for the search and the maps
-            pil, emb, matches = self.search(image, k)
-            qmap, nmaps, note = self.maps(pil, emb, matches, method)
-        items = []
-        for rank, (m, heat) in enumerate(zip(matches, nmaps, strict=True), start=1):
-            try:
-                shown = render(load_image(m.path), heat, alpha)
-            except ImageLoadError:
-                shown = Image.new("RGB", (DISPLAY_SIZE, DISPLAY_SIZE), "gray")
-            items.append((shown, f"{rank}. {m.label or m.path.name} · {m.score:.3f}"))
-        top = ", ".join(f"{m.label or m.path.name} ({m.score:.3f})" for m in matches[:3])
-        status = (
-            f"Top {len(matches)} of {len(self.index or [])} gallery images; nearest: {top}. "
-            f"Maps: {note}."
-        )
-        return items, render(pil, qmap, alpha), status
-
-    def status_markdown(self) -> str:
-        """Model, gallery and cache state (or what is wrong) as Markdown."""
-        lines = []
-        if self.model is None:
-            lines.append(f"**Model: not loaded.** {self.model_error or ''}")
-        else:
-            cfg = getattr(self.model, "config", {}) or {}
-            lines.append(
-                f"**Model:** `{self.model_name}` ({cfg.get('arch', '?')}, width "
-                f"{cfg.get('base_width', '?')}, {cfg.get('image_size', '?')} px input, "
-                f"{getattr(self.model, 'num_features', '?')}-d features; weights sha256 "
-                f"`{_short(self.model_key)}`)"
-            )
-        if self.gallery_error is not None:
-            lines.append(f"**Gallery: unusable.** {self.gallery_error}")
-        elif self.gallery is not None:
-            n = len(self.index) if self.index is not None else 0
-            classes = f", {len(self.classes)} classes" if self.classes else ""
-            lines.append(f"**Gallery:** `{self.gallery}`: {n} images indexed{classes}")
-            if self.skipped:
-                shown = "; ".join(f"{name}: {why}" for name, why in self.skipped[:3])
-                lines.append(f"**Skipped {len(self.skipped)} unreadable file(s):** {shown}")
-            if self.index_dir is not None and n:
-                how = "reused from" if self.cache_hit else "computed and cached in"
-                lines.append(f"**Embeddings:** {how} `{self.index_dir}`")
-        return "  \n".join(lines)
-
-
-def available_models() -> list[str]:
-    """Registry names whose pretrained weights can be loaded here."""
-    return [n for n in list_models() if REGISTRY[n].available]
-
-
-def example_images(engine: SearchEngine, n: int = EXAMPLES) -> list[str]:
-    """Up to ``n`` gallery images, one per class first."""
-    if engine.gallery is None:
-        return []
-    by_class: dict[str, list[Path]] = {}
-    for p in engine.files:
-        if p.is_file():
-            by_class.setdefault(class_label(p, engine.gallery), []).append(p)
-    picked: list[str] = []
-    depth = 0
-    while len(picked) < n and any(len(v) > depth for v in by_class.values()):
-        picked += [str(v[depth]) for v in by_class.values() if len(v) > depth]
-        depth += 1
-    return picked[:n]
-
 
 # --------------------------------------------------------------------------------------------
 # the page
@@ -602,7 +111,11 @@ def _warn(message: str) -> None:
 
 
 def search_page(
-    engine: SearchEngine, image: Any, k: int = 5, map_type: str = "similarity", alpha: float = 0.4
+    engine: core.SearchEngine,
+    image: Any,
+    k: int = 5,
+    map_type: str = "similarity",
+    alpha: float = 0.4,
 ) -> tuple[list[tuple[Image.Image, str]], Image.Image | None, str]:
     """The ``/search`` handler: ``engine.run`` with every problem turned into a message (a
     warning toast and the status line), never an exception."""
@@ -610,7 +123,7 @@ def search_page(
         return [], None, "Upload an image or pick an example."
     try:
         return engine.run(image, int(k), map_type, float(alpha))
-    except DemoError as e:
+    except core.DemoError as e:
         _warn(str(e))
         return [], None, f"**{e}**"
     except Exception as e:  # never let one request take the page down
@@ -620,7 +133,7 @@ def search_page(
         return [], None, f"**{msg}**"
 
 
-def load_model_page(engine: SearchEngine, name: str | None, folder: str | None) -> str:
+def load_model_page(engine: core.SearchEngine, name: str | None, folder: str | None) -> str:
     """The ``/load_model`` handler: a weights folder (if given) or a registry name; returns the
     status Markdown, with the reason when the model could not be loaded (the previous one
     stays)."""
@@ -639,7 +152,7 @@ def load_model_page(engine: SearchEngine, name: str | None, folder: str | None) 
         return engine.status_markdown() + f"  \n**{msg}**"
     try:
         return engine.set_model(target)
-    except DemoError as e:
+    except core.DemoError as e:
         _warn(str(e))
         return engine.status_markdown() + f"  \n**{e}**"
     except Exception as e:
@@ -653,25 +166,25 @@ def build_app(
     model: Any = None,
     gallery: str | os.PathLike | None = None,
     *,
-    engine: SearchEngine | None = None,
+    engine: core.SearchEngine | None = None,
     k: int = 5,
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
     models: Sequence[str | os.PathLike] = (),
     allow_any_model: bool = False,
-    max_pixels: int = MAX_PIXELS,
+    max_pixels: int = core.MAX_PIXELS,
 ) -> gr.Blocks:
     """The demo page for ``model`` (name, path or ``SMIModel``; None: the embedded default) and
     ``gallery`` (folder; None: the default Fashion-MNIST gallery). The page can switch to the
     registry models available here, ``model`` and ``models``; to anything ``smi_hub.load``
-    takes only with ``allow_any_model`` (see :class:`SearchEngine`).
+    takes only with ``allow_any_model`` (see ``SearchEngine`` in ``demo/engine.py``).
 
     Named API endpoints: ``/search`` (image, k, map type, opacity -> neighbours, query map,
     status) and ``/load_model`` (registry name, folder -> status). The engine is available as
     ``app.smi_engine``.
     """
     if engine is None:
-        engine = SearchEngine(
+        engine = core.SearchEngine(
             model,
             gallery,
             cache_root=cache_root,
@@ -711,7 +224,7 @@ def build_app(
                 lenient_preprocess(query)
                 k_slider = gr.Slider(1, MAX_K, value=k, step=1, label="k (neighbours)")
                 map_type = gr.Radio(
-                    [(label, method) for label, method in MAP_TYPES.items()],
+                    [(label, method) for label, method in core.MAP_TYPES.items()],
                     value="similarity",
                     label="Map type",
                 )
@@ -735,7 +248,7 @@ def build_app(
                     format="png",
                     elem_id="neighbours",
                 )
-        examples = example_images(engine)
+        examples = core.example_images(engine)
         if examples:
             gr.Examples(examples=[[p] for p in examples], inputs=[query], label="Gallery examples")
         with gr.Accordion("Model and gallery", open=engine.model is None):
@@ -777,7 +290,7 @@ def launch(
     quiet: bool = False,
 ) -> Any:
     """Start the server on ``host:port`` (local only, no share link, no analytics)."""
-    engine: SearchEngine | None = getattr(app, "smi_engine", None)
+    engine: core.SearchEngine | None = getattr(app, "smi_engine", None)
     allowed = [str(engine.gallery)] if engine is not None and engine.gallery else []
     return app.launch(
         server_name=host,
@@ -818,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-pixels",
         type=int,
-        default=MAX_PIXELS,
-        help=f"query images with more pixels are refused (default {MAX_PIXELS:,})",
+        default=core.MAX_PIXELS,
+        help=f"query images with more pixels are refused (default {core.MAX_PIXELS:,})",
     )
     return p
 
@@ -860,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         allow_any_model=args.allow_any_model,
         max_pixels=args.max_pixels,
     )
-    engine: SearchEngine = app.smi_engine  # type: ignore[attr-defined]
+    engine: core.SearchEngine = app.smi_engine  # type: ignore[attr-defined]
     for problem in (engine.model_error, engine.gallery_error):
         if problem:
             print(f"smi-hub demo: {problem}", file=sys.stderr)

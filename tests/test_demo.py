@@ -39,6 +39,7 @@ def load_app():
 
 
 app = load_app()
+core = app.core  # demo/engine.py
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:
@@ -80,7 +81,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(env):
-    return app.SearchEngine(env["a"], env["gallery"], cache_root=env["cache"], progress=False)
+    return core.SearchEngine(env["a"], env["gallery"], cache_root=env["cache"], progress=False)
 
 
 def first_image(gallery: Path) -> Path:
@@ -105,7 +106,7 @@ def test_search_returns_k_sorted_results_with_labels(engine, env):
     assert [m.path for m in engine.search(arr, k=3)[2]] == [m.path for m in matches[:3]]
 
 
-@pytest.mark.parametrize("map_type", [*app.MAP_TYPES.values(), next(iter(app.MAP_TYPES))])
+@pytest.mark.parametrize("map_type", [*core.MAP_TYPES.values(), next(iter(core.MAP_TYPES))])
 def test_page_output(engine, env, map_type):
     query = first_image(env["gallery"])
     items, overlay, status = app.search_page(engine, str(query), 4, map_type, 0.5)
@@ -136,9 +137,9 @@ def test_maps_in_unit_range(engine, env):
 
 
 def test_display_image_sizes():
-    assert app.display_image(Image.new("L", (28, 28))).size == (224, 224)
-    assert app.display_image(Image.new("RGB", (30, 20))).size == (210, 140)
-    assert max(app.display_image(Image.new("RGB", (2000, 1000))).size) == 2 * app.DISPLAY_SIZE
+    assert core.display_image(Image.new("L", (28, 28))).size == (224, 224)
+    assert core.display_image(Image.new("RGB", (30, 20))).size == (210, 140)
+    assert max(core.display_image(Image.new("RGB", (2000, 1000))).size) == 2 * core.DISPLAY_SIZE
 
 
 # ---- messages instead of exceptions ---------------------------------------------------------
@@ -167,7 +168,7 @@ def test_bad_inputs_give_messages(engine, env, tmp_path):
 
 
 def test_huge_image_refused(env, tmp_path):
-    eng = app.SearchEngine(
+    eng = core.SearchEngine(
         env["a"], env["gallery"], cache_root=env["cache"], progress=False, max_pixels=500
     )
     big = tmp_path / "big.png"
@@ -183,21 +184,21 @@ def test_empty_and_missing_gallery(env, tmp_path):
     (empty / "cls" / "readme.txt").write_text("no images here")
     query = first_image(env["gallery"])
     for gallery, expected in ((empty, "holds no images"), (tmp_path / "nope", "is not a folder")):
-        eng = app.SearchEngine(env["a"], gallery, cache_root=env["cache"], progress=False)
+        eng = core.SearchEngine(env["a"], gallery, cache_root=env["cache"], progress=False)
         assert expected in eng.status_markdown()
         items, overlay, status = app.search_page(eng, str(query), 5, "similarity", 0.4)
         assert items == [] and expected in status
-        assert app.example_images(eng) == []
+        assert core.example_images(eng) == []
     unreadable = tmp_path / "bad"
     (unreadable / "cls").mkdir(parents=True)
     (unreadable / "cls" / "x.png").write_text("not a png")
-    eng = app.SearchEngine(env["a"], unreadable, cache_root=env["cache"], progress=False)
+    eng = core.SearchEngine(env["a"], unreadable, cache_root=env["cache"], progress=False)
     assert "Skipped 1 unreadable" in eng.status_markdown()
     assert "could be read" in app.search_page(eng, str(query), 5, "similarity", 0.4)[2]
 
 
 def test_model_that_cannot_load(env, tmp_path):
-    eng = app.SearchEngine(
+    eng = core.SearchEngine(
         tmp_path / "no_model", env["gallery"], cache_root=env["cache"], allow_any_model=True
     )  # what the page may load: tests/test_reliability_demo.py
     assert eng.model is None and "Could not load model" in eng.status_markdown()
@@ -222,40 +223,40 @@ def test_cache_reused_and_invalidated(env, tmp_path):
     gallery = default_gallery(root=tmp_path / "g", per_class=1)
     cache = tmp_path / "cache"
     kw = {"cache_root": cache, "progress": False}
-    first = app.SearchEngine(env["a"], gallery, **kw)
+    first = core.SearchEngine(env["a"], gallery, **kw)
     assert not first.cache_hit and (first.index_dir / "index.json").is_file()
     assert "computed and cached" in first.status_markdown()
-    again = app.SearchEngine(env["a"], gallery, **kw)
+    again = core.SearchEngine(env["a"], gallery, **kw)
     assert again.cache_hit and again.index_dir == first.index_dir
     assert torch.equal(again.index.embeddings, first.index.embeddings)
     assert "reused from" in again.status_markdown()
 
     # another model: other weights sha256, other cache entry, other embeddings
-    other = app.SearchEngine(env["b"], gallery, **kw)
+    other = core.SearchEngine(env["b"], gallery, **kw)
     assert not other.cache_hit and other.index_dir != first.index_dir
     assert not torch.allclose(other.index.embeddings, first.index.embeddings)
     other.set_model(str(env["a"]))  # switching back reuses the first entry
     assert other.cache_hit and other.index_dir == first.index_dir
     # a model not loaded from a folder is keyed by the sha256 of its state dict
-    mem = app.SearchEngine(make_model(3), gallery, **kw)
-    assert not mem.cache_hit and mem.model_key == app.model_sha256(make_model(3))
-    assert app.SearchEngine(make_model(3), gallery, **kw).cache_hit
+    mem = core.SearchEngine(make_model(3), gallery, **kw)
+    assert not mem.cache_hit and mem.model_key == core.model_sha256(make_model(3))
+    assert core.SearchEngine(make_model(3), gallery, **kw).cache_hit
 
     # the gallery changes: a file added, then a file rewritten (mtime / size)
     Image.new("L", (28, 28), 255).save(gallery / "Bag" / "99999.png")
-    grown = app.SearchEngine(env["a"], gallery, **kw)
+    grown = core.SearchEngine(env["a"], gallery, **kw)
     assert not grown.cache_hit and len(grown.index) == 11
-    assert app.SearchEngine(env["a"], gallery, **kw).cache_hit
+    assert core.SearchEngine(env["a"], gallery, **kw).cache_hit
     target = gallery / "Bag" / "99999.png"
     Image.new("L", (28, 28), 0).save(target)
     os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
-    changed = app.SearchEngine(env["a"], gallery, **kw)
+    changed = core.SearchEngine(env["a"], gallery, **kw)
     assert not changed.cache_hit and len(changed.index) == 11
 
 
 def test_default_cache_location(env, tmp_path, monkeypatch):
     monkeypatch.setenv("SMI_HUB_CACHE", str(tmp_path / "c"))
-    eng = app.SearchEngine(env["a"], env["gallery"], progress=False)
+    eng = core.SearchEngine(env["a"], env["gallery"], progress=False)
     assert eng.index_dir.parent == tmp_path / "c" / "demo"
     assert eng.index_dir.name.startswith(eng.model_key[:16])
 

@@ -41,6 +41,7 @@ def load_app():
 
 
 app = load_app()
+core = app.core  # demo/engine.py
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:
@@ -112,7 +113,7 @@ def env(tmp_path_factory):
 
 def make_engine(env, **kw):
     models = kw.pop("models", [str(env["b"]), str(env["std0"]), str(env["nan"]), str(env["const"])])
-    return app.SearchEngine(
+    return core.SearchEngine(
         str(env["a"]), env["gallery"], cache_root=env["cache"], progress=False, models=models, **kw
     )
 
@@ -223,7 +224,7 @@ def test_offered_models_load(env, offered):
 
 def test_offered_list_is_registry_plus_command_line(env):
     eng = make_engine(env, models=[str(env["b"])])
-    assert eng.offered == [*app.available_models(), str(env["a"]), str(env["b"])]
+    assert eng.offered == [*core.available_models(), str(env["a"]), str(env["b"])]
     assert "smi_resnet50_imagenet" not in eng.offered  # not published: not offered
 
 
@@ -281,15 +282,15 @@ def test_gallery_with_broken_link_and_locked_folder(env, tmp_path, monkeypatch):
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", denied)  # what chmod 000 does (root ignores chmod)
-    eng = app.SearchEngine(str(env["a"]), gallery, cache_root=tmp_path / "c", progress=False)
+    eng = core.SearchEngine(str(env["a"]), gallery, cache_root=tmp_path / "c", progress=False)
     assert eng.gallery_error is None and len(eng.index) == 10
     assert sorted(name for name, _ in eng.skipped) == ["dead.png", "locked"]
     assert "Skipped 2 unreadable" in eng.status_markdown()
-    assert all(Path(p).is_file() for p in app.example_images(eng))
+    assert all(Path(p).is_file() for p in core.example_images(eng))
 
 
 def test_self_check_at_start(env):
-    eng = app.SearchEngine(
+    eng = core.SearchEngine(
         str(env["const"]), env["gallery"], cache_root=env["cache"], progress=False
     )
     assert eng.model is None and "same features" in eng.status_markdown()
@@ -361,7 +362,7 @@ def test_decoding_outside_the_engine_lock(env, monkeypatch):
     slow = env["root"] / "slow.png"
     Image.open(gallery).save(slow)
     entered, release = threading.Event(), threading.Event()
-    real = app.load_image
+    real = core.load_image
 
     def load_image(path, *args, **kw):
         if Path(path).name == "slow.png":
@@ -369,7 +370,7 @@ def test_decoding_outside_the_engine_lock(env, monkeypatch):
             assert release.wait(60)
         return real(path, *args, **kw)
 
-    monkeypatch.setattr(app, "load_image", load_image)
+    monkeypatch.setattr(core, "load_image", load_image)
     results = {}
     t = threading.Thread(target=lambda: results.setdefault("slow", eng.run(str(slow), 3)))
     t.start()
@@ -391,7 +392,7 @@ def test_model_load_does_not_block_searches(env, tmp_path, monkeypatch):
     eng.cache_root = tmp_path / "fresh"  # the new model's gallery index must be computed
     query = first_image(env["gallery"])
     entered, release = threading.Event(), threading.Event()
-    real = app.smi_hub.extract_features
+    real = core.smi_hub.extract_features
 
     def extract(model, images, **kw):
         if model is not eng.model and len(images) == len(eng.files):  # the new model's index
@@ -399,7 +400,7 @@ def test_model_load_does_not_block_searches(env, tmp_path, monkeypatch):
             assert release.wait(60)
         return real(model, images, **kw)
 
-    monkeypatch.setattr(app.smi_hub, "extract_features", extract)
+    monkeypatch.setattr(core.smi_hub, "extract_features", extract)
     loader = threading.Thread(target=lambda: app.load_model_page(eng, str(env["b"]), ""))
     loader.start()
     try:
