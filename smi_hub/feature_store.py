@@ -17,6 +17,7 @@ store or the new one, never a mix, and no file of an earlier output is left besi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from smi_hub.errors import SMIHubError
-from smi_hub.fileio import atomic_folder, atomic_write_bytes, atomic_write_text
+from smi_hub.fileio import atomic_folder, atomic_write_bytes, atomic_write_text, recover_folder
 
 FORMAT = "smi-hub-features"
 FORMAT_VERSION = 1
@@ -88,6 +89,8 @@ class FeatureStore:
         """Open the store in ``folder`` (written by ``smi-hub extract`` or
         ``extract_features(..., out=folder)``)."""
         folder = Path(folder)
+        with contextlib.suppress(OSError):  # a swap killed between its renames
+            recover_folder(folder)
         path = folder / MANIFEST
         if not path.is_file():
             hint = (

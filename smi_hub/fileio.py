@@ -8,6 +8,8 @@ permissions the user's umask asks for (``tempfile.mkstemp`` alone would leave th
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -68,17 +70,55 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or file system does not offer it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def recover_folder(folder: str | os.PathLike) -> None:
+    """Put back the previous ``folder`` if a swap without atomic exchange was killed between
+    its two renames (the old contents then wait in a ``.NAME.*.old`` sibling)."""
+    folder = Path(folder)
+    if folder.exists() or folder.is_symlink():
+        return
+    olds = sorted(folder.parent.glob(f".{folder.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], folder)
+        fsync_dir(folder.parent)
+
+
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Build a folder's new contents in a temporary sibling, then swap it in as a whole.
 
-    ``with atomic_folder(out) as tmp: ...write files into tmp...``. On success the old ``out``
-    (if any) is replaced by ``tmp`` with two renames (the old one moved aside first and deleted
-    after), so a reader never sees old and new files mixed; on failure ``out`` is untouched.
+    ``with atomic_folder(out) as tmp: ...write files into tmp...``. On success ``tmp`` and the
+    old ``out`` are exchanged in one atomic step where the OS allows it (Linux), else with two
+    renames whose interruption :func:`recover_folder` undoes; readers never see old and new
+    files mixed. On failure ``out`` is untouched.
     """
     folder = Path(folder)
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(folder)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~current_umask())
     try:
@@ -88,6 +128,10 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
+        if folder.is_dir() and not folder.is_symlink() and _exchange(tmp, folder):
+            fsync_dir(parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old contents
+            return
         old = None
         if folder.exists() or folder.is_symlink():
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".old"))

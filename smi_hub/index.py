@@ -22,6 +22,7 @@ kind, metadata, sha256 of every other file, checked on load) and ``embeddings.sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smi_hub.errors import SMIHubError
-from smi_hub.fileio import atomic_folder
+from smi_hub.fileio import atomic_folder, recover_folder
 
 INDEX_FORMAT = 2
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -509,6 +510,8 @@ class EmbeddingIndex:
         """Read an index written by :meth:`save`; the vectors file must match the sha256 in
         ``index.json``. Approximate indexes are memory-mapped unless ``mmap=False``."""
         folder = Path(folder)
+        with contextlib.suppress(OSError):  # a swap killed between its renames
+            recover_folder(folder)
         meta_path = folder / INDEX_NAME
         if not meta_path.is_file():
             raise SMIHubError(

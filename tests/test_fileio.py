@@ -67,3 +67,41 @@ def test_atomic_folder_failure_leaves_old_folder_untouched(tmp_path):
         raise KeyboardInterrupt
     assert (out / "a").read_text() == "old"
     assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_folder_swaps_in_one_step_on_linux(tmp_path, monkeypatch):
+    """With renameat2 the old folder is never absent: no os.replace of the folder happens."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    calls = []
+    real_replace = os.replace
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: (calls.append(b), real_replace(a, b)))
+    with fileio.atomic_folder(out) as tmp:
+        (tmp / "a").write_text("new")
+    assert (out / "a").read_text() == "new"
+    assert Path(out) not in [Path(c) for c in calls]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_swap_killed_between_two_renames_is_recovered(tmp_path, monkeypatch):
+    """Without atomic exchange: the old folder moved aside and never replaced comes back."""
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real_replace = os.replace
+
+    def killed(a, b):
+        if Path(b) == out:
+            raise KeyboardInterrupt  # the process dies after moving the old folder aside
+        real_replace(a, b)
+
+    monkeypatch.setattr(fileio.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt), fileio.atomic_folder(out) as tmp:
+        (tmp / "a").write_text("new")
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    assert not out.exists()
+    fileio.recover_folder(out)
+    assert (out / "a").read_text() == "old"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
