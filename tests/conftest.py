@@ -4,6 +4,11 @@ Nothing skips silently: a skipped test fails the run unless it is marked ``gpu``
 CUDA, which CI's CPU machine lacks). A missing dev dependency or dataset is an error.
 """
 
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -25,6 +30,46 @@ def fmnist_test():
         return fashion_mnist.load_arrays("test")
     except FileNotFoundError as e:  # a missing install step is an error, not a skip
         pytest.fail(str(e))
+
+
+def load_demo_app(name: str) -> ModuleType:
+    """``demo/app.py`` loaded by path as module ``name``, as ``smi-hub demo`` does (its engine,
+    ``demo/engine.py``, is ``.core``). Fails (no skip) without gradio."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError as e:  # a missing install step is an error, not a skip
+        pytest.fail(f"{e}: the demo needs gradio: pip install -e '.[demo]'", pytrace=False)
+    path = Path(__file__).resolve().parents[1] / "demo" / "app.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_checkpoint(tmp_path) -> Callable[[torch.nn.Module], Path]:
+    """``save(model)``: a minimal training checkpoint of ``model`` (what ``smi-hub export``
+    reads) at ``tmp_path/run/checkpoints/last.pt``; returns its path."""
+
+    def save(model: torch.nn.Module) -> Path:
+        ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+        ckpt.parent.mkdir(parents=True)
+        torch.save(
+            {
+                "format": "smi-hub-checkpoint",
+                "version": 1,
+                "model": model.state_dict(),
+                "model_config": model.config,
+                "config": {"loss": {"name": "smi"}, "train": {"epochs": 1}},
+                "epoch": 1,
+                "step": 10,
+            },
+            ckpt,
+        )
+        return ckpt
+
+    return save
 
 
 def _record_skip(report: pytest.TestReport | pytest.CollectReport) -> None:

@@ -75,22 +75,8 @@ def test_index_and_search(weights, gallery, tmp_path, capsys):
     assert len([line for line in out if line.startswith("  ")]) == 3
 
 
-def test_export_cli(weights, tmp_path, capsys):
-    model = smi_hub.load(weights)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    ckpt.parent.mkdir(parents=True)
-    torch.save(
-        {
-            "format": "smi-hub-checkpoint",
-            "version": 1,
-            "model": model.state_dict(),
-            "model_config": model.config,
-            "config": {"loss": {"name": "smi"}, "train": {"epochs": 1}},
-            "epoch": 1,
-            "step": 10,
-        },
-        ckpt,
-    )
+def test_export_cli(weights, tmp_path, capsys, run_checkpoint):
+    ckpt = run_checkpoint(smi_hub.load(weights))
     assert main(["export", str(ckpt), str(tmp_path / "out"), "--with-projector"]) == 0
     assert "sha256" in capsys.readouterr().out
     assert smi_hub.load(tmp_path / "out").projector_dims == [8]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import time
@@ -11,34 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_demo_app
 from PIL import Image
 
 import smi_hub
 from smi_hub import fashion_mnist
 from smi_hub.gallery import default_gallery
 
-try:
-    import gradio  # noqa: F401
-except ImportError as e:  # a missing install step is an error, not a skip
-    pytest.fail(f"{e}: the demo needs gradio: pip install -e '.[demo]'", pytrace=False)
-
 # pandas deprecations inside gradio's queue, not ours
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
-REPO = Path(__file__).resolve().parents[1]
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
 
 
-def load_app():
-    """demo/app.py loaded by path, as `smi-hub demo` does."""
-    spec = importlib.util.spec_from_file_location("smi_hub_demo_app_test", REPO / "demo" / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-app = load_app()
+app = load_demo_app("smi_hub_demo_app_test")
 core = app.core  # demo/engine.py
 
 

@@ -3,7 +3,6 @@ the server load, fetch or decode, and the operator's command line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import threading
@@ -13,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_demo_app
+from gradio_client import Client, handle_file
 from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
 
@@ -20,27 +21,12 @@ import smi_hub
 from smi_hub.gallery import default_gallery
 from smi_hub.weights import sha256_file
 
-try:
-    import gradio  # noqa: F401
-    from gradio_client import Client, handle_file
-except ImportError as e:  # a missing install step is an error, not a skip
-    pytest.fail(f"{e}: the demo needs gradio: pip install -e '.[demo]'", pytrace=False)
-
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
-REPO = Path(__file__).resolve().parents[1]
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
 
 
-def load_app():
-    spec = importlib.util.spec_from_file_location("smi_hub_demo_app_rel", REPO / "demo" / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-app = load_app()
+app = load_demo_app("smi_hub_demo_app_rel")
 core = app.core  # demo/engine.py
 
 

@@ -695,23 +695,9 @@ RESULTS = {
 
 
 @pytest.mark.parametrize("case", list(RESULTS))
-def test_export_results_file_named(tmp_path, weights, capsys, case):
+def test_export_results_file_named(tmp_path, weights, capsys, case, run_checkpoint):
     data, name = RESULTS[case]
-    model = smi_hub.load(weights)
-    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    ckpt.parent.mkdir(parents=True)
-    torch.save(
-        {
-            "format": "smi-hub-checkpoint",
-            "version": 1,
-            "model": model.state_dict(),
-            "model_config": model.config,
-            "config": {"loss": {"name": "smi"}, "train": {"epochs": 1}},
-            "epoch": 1,
-            "step": 10,
-        },
-        ckpt,
-    )
+    ckpt = run_checkpoint(smi_hub.load(weights))
     results = tmp_path / name
     if data is not None:
         results.write_bytes(data)
