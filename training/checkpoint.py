@@ -229,6 +229,33 @@ def find_latest(directory: str | os.PathLike) -> Path | None:
     return None
 
 
+def resolve_resume(
+    resume: str,
+    ckpt_dir: Path,
+    *,
+    error: type[Exception],
+    new_run_hint: str,
+    accept_folder: bool = False,
+) -> Path | None:
+    """The checkpoint a run's ``--resume`` names: ``none``, a new run (None; ``error`` if
+    ``ckpt_dir`` already holds checkpoints, ending with ``new_run_hint``), ``auto`` (the newest
+    intact one in ``ckpt_dir``, None if there is none) or a checkpoint file (or a run folder,
+    with ``accept_folder``: :func:`load_checkpoint` then takes its newest)."""
+    if resume == "none":
+        if list_checkpoints(ckpt_dir) or (ckpt_dir / LAST_NAME).exists():
+            raise error(
+                f"{ckpt_dir} already holds checkpoints; pass --resume auto to continue that run "
+                f"or {new_run_hint}"
+            )
+        return None
+    if resume == "auto":
+        return find_latest(ckpt_dir)
+    path = Path(resume)
+    if not (path.exists() if accept_folder else path.is_file()):
+        raise error(f"--resume {resume}: no such checkpoint.")
+    return path
+
+
 def _load_error(path: Path, e: Exception) -> CheckpointError:
     """A loading failure explained without relaying torch's advice to unpickle."""
     found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e), re.IGNORECASE)

@@ -1,7 +1,9 @@
-"""torch.distributed helpers: process-group setup and an autograd-aware all-gather."""
+"""torch.distributed helpers: process-group setup and an autograd-aware all-gather; the
+mixed-precision context of a training step."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -121,3 +123,11 @@ def all_reduce_min_flag(flag: torch.Tensor) -> torch.Tensor:
     x = flag.to(torch.int32).reshape(1)
     dist.all_reduce(x, op=dist.ReduceOp.MIN)
     return x[0].bool()
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` (``fp32``: none, ``bf16``, else float16)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

@@ -24,7 +24,6 @@ optimizer, schedule, RNG states and the best epoch so far).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -48,9 +47,8 @@ from smi_hub.models import SMIModel
 from training import distributed as D
 from training.checkpoint import (
     CheckpointError,
-    find_latest,
-    list_checkpoints,
     load_checkpoint,
+    resolve_resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -257,12 +255,6 @@ def build_param_groups(model: SMIModel, cfg: FinetuneConfig) -> list[dict[str, A
     ]
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.half)
-
-
 @torch.no_grad()
 def evaluate_classifier(
     model: nn.Module,
@@ -281,7 +273,7 @@ def evaluate_classifier(
     loss = 0.0
     for x, y in loader:
         x, y = x.to(device), torch.as_tensor(y).to(device)
-        with _autocast(device, precision):
+        with D.autocast(device, precision):
             logits = model(x)
         logits = logits.float()
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -304,7 +296,7 @@ def _train_step(
     cfg: FinetuneConfig,
 ) -> float:
     """One optimizer step; returns the loss."""
-    with _autocast(device, cfg.precision):
+    with D.autocast(device, cfg.precision):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
     if not torch.isfinite(loss):
@@ -337,21 +329,6 @@ def _check(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
 
 
-def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
-    if resume == "none":
-        if list_checkpoints(ckpt_dir) or (ckpt_dir / "last.pt").exists():
-            raise FinetuneError(
-                f"{ckpt_dir} already holds checkpoints; pass --resume auto to continue that run "
-                "or choose another --out."
-            )
-        return None
-    if resume == "auto":
-        return find_latest(ckpt_dir)
-    if not Path(resume).is_file():
-        raise FinetuneError(f"--resume {resume}: no such checkpoint.")
-    return Path(resume)
-
-
 def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
     """Run the fine-tuning ``cfg`` describes (see the module docstring); returns the metrics
     dict also written to ``<out>/metrics.json``. Under torchrun, every rank calls it."""
@@ -361,7 +338,9 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
     is_main = rk == 0
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
-    resume_path = _resolve_resume(resume, ckpt_dir)
+    resume_path = resolve_resume(
+        resume, ckpt_dir, error=FinetuneError, new_run_hint="choose another --out."
+    )
     t_start = time.time()
 
     # ---- data: the labelled subset, its validation split, the test split

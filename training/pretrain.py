@@ -11,7 +11,6 @@ order and augmentations, optimizer, schedule, scaler and RNG states.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -30,9 +29,8 @@ from training import distributed as D
 from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
-    find_latest,
-    list_checkpoints,
     load_checkpoint,
+    resolve_resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -106,13 +104,6 @@ def _unwrap(model: nn.Module) -> SMIModel:
     return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def monitor_embeddings(
     model: SMIModel,
@@ -129,7 +120,7 @@ def monitor_embeddings(
     for a, b, _ in loader:
         for key, x in (("a", a), ("b", b)):
             x = x.to(device, memory_format=torch.channels_last)
-            with _autocast(device, precision):
+            with D.autocast(device, precision):
                 h = model.embed(x)
                 z = model.projector(h)
             feats[key].append(h.float().cpu())
@@ -154,22 +145,6 @@ def build_train_dataset(cfg: PretrainConfig) -> SafeTwoViewDataset:
     return SafeTwoViewDataset(base, transform, seed=cfg.seed)
 
 
-def _resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
-    if resume == "none":
-        if list_checkpoints(ckpt_dir) or (ckpt_dir / "last.pt").exists():
-            raise ConfigError(
-                f"{ckpt_dir} already holds checkpoints; pass --resume auto to continue that run "
-                "or choose another output_dir=..."
-            )
-        return None
-    if resume == "auto":
-        return find_latest(ckpt_dir)
-    path = Path(resume)
-    if not path.exists():
-        raise ConfigError(f"--resume {resume}: no such checkpoint.")
-    return path
-
-
 def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     """Run pretraining described by ``cfg``; returns the final metrics. Call
     :func:`training.distributed.setup_distributed` first under torchrun (``main`` does)."""
@@ -186,7 +161,13 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             f"a multiple of {ws} of at least {2 * ws}."
         )
     local_bs = cfg.train.batch_size // ws
-    resume_path = _resolve_resume(resume, ckpt_dir)
+    resume_path = resolve_resume(
+        resume,
+        ckpt_dir,
+        error=ConfigError,
+        new_run_hint="choose another output_dir=...",
+        accept_folder=True,
+    )
     if is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -366,7 +347,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                     b = b.contiguous(memory_format=torch.channels_last)
                 n_skipped = int(skipped.sum())
                 epoch_skipped += n_skipped
-                with _autocast(device, cfg.train.precision):
+                with D.autocast(device, cfg.train.precision):
                     z_a, z_b = model(a), model(b)
                 finite = torch.isfinite(z_a).all() & torch.isfinite(z_b).all()
                 loss = loss_fn(z_a, z_b) if bool(D.all_reduce_min_flag(finite)) else None
