@@ -132,6 +132,51 @@ def save_checkpoint(
     return path
 
 
+def training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    *,
+    epoch: int,
+    step: int,
+    step_in_epoch: int,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """What every training checkpoint holds to resume exactly (weights and ``model.config``,
+    optimizer, schedule, grad-scaler and RNG states, the position, the run's config); a run
+    adds its own keys. :func:`restore_training_state` reads it back."""
+    return {
+        "model": model.state_dict(),
+        "model_config": model.config,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "step_in_epoch": step_in_epoch,
+        "rng": rng_state(),
+        "config": config,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+) -> tuple[int, int, int]:
+    """Load a :func:`training_state` into the run's objects and the RNGs; returns (epoch,
+    step, step in the epoch) to go on from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"]), int(state["step"]), int(state.get("step_in_epoch", 0))
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     """The checksum file of a checkpoint: ``<name>.sha256`` next to it."""
     path = Path(path)

@@ -49,9 +49,9 @@ from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     resolve_resume,
-    rng_state,
+    restore_training_state,
     save_checkpoint,
-    set_rng_state,
+    training_state,
 )
 from training.data import (
     DataError,
@@ -438,13 +438,9 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
             log.warning(
                 "Resuming with changed settings %s; the schedule keeps its length.", changed
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        start_batch = int(state.get("step_in_epoch", 0))
+        start_epoch, step, start_batch = restore_training_state(
+            state, model, optimizer, scheduler, scaler
+        )
         best = dict(state["best"])
         history = list(state["history"])
         running = dict(state["running"])
@@ -461,16 +457,16 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
         if is_main:
             save_checkpoint(
                 {
-                    "model": model.state_dict(),
-                    "model_config": model.config,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "step": step,
-                    "step_in_epoch": step_in_epoch,
-                    "rng": rng_state(),
-                    "config": cfg.to_dict(),
+                    **training_state(
+                        model,
+                        optimizer,
+                        scheduler,
+                        scaler,
+                        epoch=epoch,
+                        step=step,
+                        step_in_epoch=step_in_epoch,
+                        config=cfg.to_dict(),
+                    ),
                     "best": best,
                     "history": history,
                     "running": running,

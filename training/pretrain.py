@@ -31,9 +31,9 @@ from training.checkpoint import (
     checkpoint_name,
     load_checkpoint,
     resolve_resume,
-    rng_state,
+    restore_training_state,
     save_checkpoint,
-    set_rng_state,
+    training_state,
 )
 from training.config import (
     ConfigError,
@@ -246,13 +246,9 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                 "; ".join(changed),
                 int(state["scheduler"]["total_steps"]),
             )
-        base_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        start_batch = int(state.get("step_in_epoch", 0))
+        start_epoch, step, start_batch = restore_training_state(
+            state, base_model, optimizer, scheduler, scaler
+        )
         if is_main:
             log.info("Resumed from %s: epoch %d, step %d.", resume_path, start_epoch, step)
     if ws > 1:
@@ -292,18 +288,16 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
         if is_main:
             base_model = _unwrap(model)
             path = save_checkpoint(
-                {
-                    "model": base_model.state_dict(),
-                    "model_config": base_model.config,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "step": step,
-                    "step_in_epoch": step_in_epoch,
-                    "rng": rng_state(),
-                    "config": cfg.to_dict(),
-                },
+                training_state(
+                    base_model,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    epoch=epoch,
+                    step=step,
+                    step_in_epoch=step_in_epoch,
+                    config=cfg.to_dict(),
+                ),
                 ckpt_dir,
                 keep_last=cfg.checkpoint.keep_last,
             )
