@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
+import smi_hub
 from smi_hub import fashion_mnist
 
 pytest_plugins = ["pytester"]
@@ -45,6 +46,37 @@ def load_demo_app(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def demo_model(seed: int, base_width: int, projector_dims: list[int]) -> smi_hub.SMIModel:
+    """A small 28 px ``SMIModel`` (eval mode) with non-trivial BN statistics: different seeds,
+    different features."""
+    torch.manual_seed(seed)
+    model = smi_hub.SMIModel(
+        arch="resnet18",
+        base_width=base_width,
+        small_stem=True,
+        projector_dims=projector_dims,
+        image_size=28,
+        mean=[0.286] * 3,
+        std=[0.353] * 3,
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: single-image forwards are faster so, above all on a
+    busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_demo_app
+from conftest import demo_model, load_demo_app
 from PIL import Image
 
 import smi_hub
@@ -18,9 +18,10 @@ from smi_hub import fashion_mnist
 from smi_hub.gallery import default_gallery
 
 # pandas deprecations inside gradio's queue, not ours
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
-
-FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 app = load_demo_app("smi_hub_demo_app_test")
@@ -28,25 +29,7 @@ core = app.core  # demo/engine.py
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:
-    torch.manual_seed(seed)
-    model = smi_hub.SMIModel(
-        arch="resnet18", base_width=16, small_stem=True, projector_dims=[32, 16], **FMNIST
-    )
-    with torch.no_grad():  # non-trivial BN statistics: different seeds, different features
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Single-image forwards are faster on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return demo_model(seed, base_width=16, projector_dims=[32, 16])
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import load_demo_app
+from conftest import demo_model, load_demo_app
 from gradio_client import Client, handle_file
 from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
@@ -21,9 +20,10 @@ import smi_hub
 from smi_hub.gallery import default_gallery
 from smi_hub.weights import sha256_file
 
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
-
-FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 app = load_demo_app("smi_hub_demo_app_rel")
@@ -31,16 +31,7 @@ core = app.core  # demo/engine.py
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:
-    torch.manual_seed(seed)
-    model = smi_hub.SMIModel(
-        arch="resnet18", base_width=4, small_stem=True, projector_dims=[], **FMNIST
-    )
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return demo_model(seed, base_width=4, projector_dims=[])
 
 
 def edit_config(folder: Path, **changes) -> None:
@@ -54,14 +45,6 @@ def rewrite_weights(folder: Path, change) -> None:
     change(state)
     save_file(state, str(folder / "model.safetensors"))
     edit_config(folder, weights_sha256=sha256_file(folder / "model.safetensors"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
