@@ -5,6 +5,9 @@ CUDA, which CI's CPU machine lacks). A missing dev dependency or dataset is an e
 """
 
 import importlib.util
+import json
+import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -77,6 +80,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def png_header_only(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with one empty data chunk: a bomb
+    candidate that costs nothing to write."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def demo_argv(monkeypatch, tmp_path) -> Callable[[], list[str]]:
+    """Points ``smi-hub demo`` at a stand-in ``demo/app.py`` whose ``main`` records its
+    arguments; returns a function that reads what it was given."""
+    import smi_hub.cli as cli
+
+    fake = tmp_path / "demo" / "app.py"
+    fake.parent.mkdir()
+    record = tmp_path / "argv.json"
+    fake.write_text(
+        "import json\n"
+        f"def main(argv):\n    open({str(record)!r}, 'w').write(json.dumps(argv))\n    return 0\n"
+    )
+    monkeypatch.setattr(cli, "demo_app_path", lambda: fake)
+    return lambda: json.loads(record.read_text())
 
 
 @pytest.fixture

@@ -93,19 +93,9 @@ def test_demo_without_checkout(monkeypatch, tmp_path, capsys):
     assert "the demo needs a source checkout" in capsys.readouterr().err.lower()
 
 
-def test_demo_forwards_arguments(monkeypatch, tmp_path):
-    import smi_hub.cli as cli
-
-    app = tmp_path / "demo" / "app.py"
-    app.parent.mkdir()
-    record = tmp_path / "argv.json"
-    app.write_text(
-        "import json\n"
-        f"def main(argv):\n    open({str(record)!r}, 'w').write(json.dumps(argv))\n    return 0\n"
-    )
-    monkeypatch.setattr(cli, "demo_app_path", lambda: app)
+def test_demo_forwards_arguments(demo_argv):
     assert main(["demo", "--model", "m", "--port", "7861", "--host", "0.0.0.0"]) == 0
-    assert json.loads(record.read_text()) == ["--model", "m", "--port", "7861", "--host", "0.0.0.0"]
+    assert demo_argv() == ["--model", "m", "--port", "7861", "--host", "0.0.0.0"]
 
 
 def test_quickstart(weights, capsys, fmnist_test):

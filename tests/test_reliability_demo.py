@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import demo_model, load_demo_app
+from conftest import demo_model, load_demo_app, png_header_only
 from gradio_client import Client, handle_file
 from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
@@ -270,24 +270,6 @@ def test_self_check_at_start(env):
 # ============================================================================================
 
 
-def png_header_only(width: int, height: int, bits: int = 1, color: int = 0) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, bits, color, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
-
-
 QUERIES = {
     "1bit_7900": ((7900, 7900, 1, 0), "7900x7900 pixels is more than the limit of 40,000,000"),
     "rgb_10000": ((10000, 10000, 8, 2), "more than the limit of 40,000,000"),
@@ -539,20 +521,12 @@ def test_command_line_offers_models(env, monkeypatch):
     assert calls[-1][0].smi_engine.allow_any_model
 
 
-def test_cli_forwards_demo_flags(monkeypatch, tmp_path):
+def test_cli_forwards_demo_flags(demo_argv):
     import smi_hub.cli as cli
 
-    fake = tmp_path / "demo" / "app.py"
-    fake.parent.mkdir()
-    record = tmp_path / "argv.json"
-    fake.write_text(
-        "import json\n"
-        f"def main(argv):\n    open({str(record)!r}, 'w').write(json.dumps(argv))\n    return 0\n"
-    )
-    monkeypatch.setattr(cli, "demo_app_path", lambda: fake)
     argv = ["demo", "--model", "m1", "--model", "m2", "--allow-any-model", "--max-pixels", "99"]
     assert cli.main(argv) == 0
-    assert json.loads(record.read_text()) == [
+    assert demo_argv() == [
         "--model",
         "m1",
         "--model",

@@ -10,13 +10,12 @@ import io
 import json
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import png_header_only
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -406,24 +405,6 @@ def test_to_rgb_plain_modes_match_pillow(mode):
 # ---- files: refused before decoding, with the file named -------------------------------------
 
 
-def png_header_only(width: int, height: int, bit_depth: int = 1, color_type: int = 0) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` with one empty data chunk: a bomb
-    candidate that costs nothing to write."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00"))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -730,3 +711,21 @@ def test_user_error_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("smi-hub extract: error:")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_png_transparency_key_composites_on_white(tmp_path, mode):
+    """A grayscale or RGB PNG whose tRNS chunk marks one colour transparent: those pixels
+    become white, the others keep their value (as an independent numpy composite says)."""
+    from smi_hub.images import load_image
+
+    values = np.array([[0, 90], [180, 0]], dtype=np.uint8)
+    if mode == "L":
+        img, key = Image.fromarray(values), 0
+    else:
+        img, key = Image.fromarray(np.stack([values] * 3, axis=-1)), (0, 0, 0)
+    path = tmp_path / f"keyed_{mode}.png"
+    img.save(path, transparency=key)
+    out = np.asarray(load_image(path))
+    expected = np.where(values == 0, 255, values)
+    assert (out == expected[..., None]).all()
