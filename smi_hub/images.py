@@ -70,14 +70,15 @@ def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert a PIL image of any mode to 8-bit RGB (rules in the module docstring)."""
-    if image.mode == "RGB":
+    keyed = "transparency" in image.info and image.mode in ("P", "L", "RGB")  # PNG tRNS key
+    if image.mode == "RGB" and not keyed:
         return image
     if image.mode in _HIGH_BIT:
         arr = np.asarray(image).astype(np.float64)
         if not np.isfinite(arr).all():
             arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
         return Image.fromarray(_to_uint8(arr, image.mode), mode="L").convert("RGB")
-    if image.mode in _ALPHA or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in _ALPHA or keyed:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -502,18 +502,11 @@ def test_broken_symlink_listed_and_failed(tmp_path, tiny):
     ]
 
 
-def test_unreadable_subfolder_listed_and_failed(tmp_path, tiny, monkeypatch):
+def test_unreadable_subfolder_listed_and_failed(tmp_path, tiny, deny_listing):
     g = small_gallery(tmp_path / "g")
     (g / "locked").mkdir()
     Image.new("L", (28, 28)).save(g / "locked" / "x.png")
-    scandir = os.scandir
-
-    def denied(path="."):
-        if Path(path) == g / "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", denied)  # what chmod 000 does (root ignores chmod)
+    deny_listing(g / "locked")
     assert g / "locked" in list_images(g)
     with pytest.warns(RuntimeWarning, match="unreadable"):
         result = smi_hub.extract_features(smi_hub.load(tiny), g, progress=False)
