@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -115,6 +116,24 @@ def demo_argv(monkeypatch, tmp_path) -> Callable[[], list[str]]:
     )
     monkeypatch.setattr(cli, "demo_app_path", lambda: fake)
     return lambda: json.loads(record.read_text())
+
+
+@pytest.fixture
+def deny_listing(monkeypatch) -> Callable[[Path], None]:
+    """``deny(folder)``: listing ``folder`` raises PermissionError from then on, as after
+    ``chmod 000`` (which root, running the tests in CI containers, ignores)."""
+    import os
+
+    denied: set[Path] = set()
+    scandir = os.scandir
+
+    def guarded(path: Any = "."):
+        if Path(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    return denied.add
 
 
 @pytest.fixture

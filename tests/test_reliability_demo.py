@@ -236,21 +236,13 @@ class _nothing:
         return False
 
 
-def test_gallery_with_broken_link_and_locked_folder(env, tmp_path, monkeypatch):
-    import os
+def test_gallery_with_broken_link_and_locked_folder(env, tmp_path, deny_listing):
     import shutil
 
     gallery = Path(shutil.copytree(env["gallery"], tmp_path / "g"))
     (gallery / "Bag" / "dead.png").symlink_to(tmp_path / "nowhere.png")
     (gallery / "locked").mkdir()
-    scandir = os.scandir
-
-    def denied(path="."):
-        if Path(path) == gallery / "locked":
-            raise PermissionError(13, "Permission denied", str(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", denied)  # what chmod 000 does (root ignores chmod)
+    deny_listing(gallery / "locked")
     eng = core.SearchEngine(str(env["a"]), gallery, cache_root=tmp_path / "c", progress=False)
     assert eng.gallery_error is None and len(eng.index) == 10
     assert sorted(name for name, _ in eng.skipped) == ["dead.png", "locked"]
