@@ -304,6 +304,7 @@ import io, os, runpy, signal, sys
 import torch
 
 kill_step, sys.argv = int(sys.argv[1]), ["training.pretrain", *sys.argv[2:]]
+sys.path.insert(0, os.getcwd())  # training/ runs from the checkout (not in the wheel)
 real_save = torch.save
 
 
