@@ -25,13 +25,7 @@ from training.finetune import (
     split_validation,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 LABELS = np.repeat(np.arange(4), [50, 30, 20, 3])  # unbalanced classes, one tiny
