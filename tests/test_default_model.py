@@ -34,6 +34,15 @@ def test_default_ships_small_and_pinned(entry):
     assert "library_name: smi-hub" in card
 
 
+def test_default_card_is_what_its_config_renders(entry):
+    """The shipped model card (metrics, datasets, usage) cannot drift from config.json."""
+    from smi_hub.model_card import render_model_card
+
+    cfg = json.loads((entry.weights_folder / "config.json").read_text())
+    card = (entry.weights_folder / "README.md").read_text()
+    assert card == render_model_card(cfg, name=entry.name)
+
+
 def test_default_loads_offline(entry, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("SMI_HUB_CACHE", str(tmp_path / "empty-cache"))
