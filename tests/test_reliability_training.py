@@ -172,7 +172,7 @@ CONFIG_CASES = [
     ("image_key_empty", ['data.image_key=""'], ["data.image_key", "must not be empty"]),
     ("label_key_empty", ['data.label_key=" "'], ["data.label_key", "must not be empty"]),
     ("arch_unknown", ["model.arch=vit"], ["model.arch", "'vit'"]),
-    ("base_width_zero", ["model.base_width=0"], ["model.base_width", "[1, 1024]"]),
+    ("base_width_zero", ["model.base_width=0"], ["model.base_width", "[1, 256]"]),
     ("base_width_huge", ["model.base_width=10000000"], ["model.base_width", "10000000"]),
     ("image_size_zero", ["model.image_size=0"], ["model.image_size", "got 0", "[8, 4096]"]),
     ("image_size_huge", ["model.image_size=100000"], ["model.image_size", "100000"]),
@@ -211,6 +211,26 @@ def test_bad_setting_is_refused_naming_key_value_and_range(overrides, fragments)
         load_config(None, [*BASE, *overrides])
     for fragment in fragments:
         assert fragment in str(e.value)
+
+
+def test_the_largest_model_that_trains_also_loads():
+    """Training accepts no architecture the weights loader would refuse at export/load time."""
+    from smi_hub.weights import (
+        MAX_BASE_WIDTH,
+        MAX_IMAGE_SIZE,
+        MAX_PROJECTOR_DIM,
+        validate_config,
+    )
+
+    big = [
+        f"model.base_width={MAX_BASE_WIDTH}",
+        f"model.image_size={MAX_IMAGE_SIZE}",
+        f"model.projector_dims=[{MAX_PROJECTOR_DIM}]",
+    ]
+    m = load_config(None, [*BASE, *big]).model
+    validate_config({k: getattr(m, k) for k in ("base_width", "image_size", "projector_dims")})
+    with pytest.raises(ConfigError, match="model.base_width"):
+        load_config(None, [*BASE, f"model.base_width={MAX_BASE_WIDTH + 1}"])
 
 
 def _leaf_keys(cls: type, prefix: str = "") -> set[str]:

@@ -24,6 +24,7 @@ import yaml
 
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD
+from smi_hub.weights import MAX_BASE_WIDTH, MAX_IMAGE_SIZE, MAX_PROJECTOR_DIM, MIN_IMAGE_SIZE
 
 LOSS_NAMES = ("smi", "barlow_twins", "vicreg")
 SOURCES = ("fashion_mnist", "imagefolder", "hf")
@@ -279,9 +280,10 @@ COUNT = Range(1)
 # optional settings (data.subset, train.grad_clip, train.max_steps) are skipped.
 RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32 - 1),
-    "model.base_width": Range(1, 1024),
-    "model.image_size": Range(8, 4096),
-    "model.projector_dims": Range(2, 65536),
+    # the weights loader's limits: whatever trains can also be exported and loaded
+    "model.base_width": Range(1, MAX_BASE_WIDTH),
+    "model.image_size": Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+    "model.projector_dims": Range(2, MAX_PROJECTOR_DIM),
     "model.mean": PROBABILITY,
     "model.std": POSITIVE,
     "data.subset": Range(1, note="null: the whole dataset"),
