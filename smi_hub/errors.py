@@ -1,5 +1,18 @@
 """Exceptions raised by smi_hub. Each message says what was wrong and how to fix it."""
 
+import re
+
+# torch's weights_only unpickler names the global it refused ("Unsupported global: GLOBAL x.y"
+# in some versions, "unsupported GLOBAL x.y" in others)
+_REFUSED_GLOBAL = re.compile(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", re.IGNORECASE)
+
+
+def refused_global(error: BaseException) -> str | None:
+    """The Python global a ``torch.load(weights_only=True)`` refused to unpickle, if that is
+    what ``error`` reports (its message also advises ``weights_only=False``: never relay it)."""
+    found = _REFUSED_GLOBAL.search(str(error))
+    return found.group(1) if found else None
+
 
 class SMIHubError(Exception):
     """Base class of every smi_hub error."""

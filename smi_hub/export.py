@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from smi_hub.errors import CheckpointError
+from smi_hub.errors import CheckpointError, refused_global
 from smi_hub.models import SMIModel, load_state_dict_strict
 from smi_hub.weights import save_weights_folder
 
@@ -39,10 +38,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the safe unpickler raises many types on foreign or broken files
         # torch's message advises weights_only=False (arbitrary code execution): never relay it
-        found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e), re.I)
-        if isinstance(e, pickle.UnpicklingError) and found:
+        refused = refused_global(e)
+        if isinstance(e, pickle.UnpicklingError) and refused:
             raise CheckpointError(
-                f"{path} contains non-tensor Python objects ({found.group(1)}) and is refused "
+                f"{path} contains non-tensor Python objects ({refused}) and is refused "
                 "for safety: smi-hub never unpickles arbitrary objects. Export checkpoints "
                 "written by `python -m training.pretrain` (plain tensors and dicts)."
             ) from e

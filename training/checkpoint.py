@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from smi_hub.errors import refused_global
 from smi_hub.fileio import atomic_write, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -303,10 +304,10 @@ def resolve_resume(
 
 def _load_error(path: Path, e: Exception) -> CheckpointError:
     """A loading failure explained without relaying torch's advice to unpickle."""
-    found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", str(e), re.IGNORECASE)
-    if found:
+    refused = refused_global(e)
+    if refused:
         return CheckpointError(
-            f"{path} contains non-tensor Python objects ({found.group(1)}) and is refused for "
+            f"{path} contains non-tensor Python objects ({refused}) and is refused for "
             "safety: smi-hub loads checkpoints with torch.load(weights_only=True) and never "
             "unpickles arbitrary objects."
         )
