@@ -53,6 +53,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from smi_hub.errors import SMIHubError
+from smi_hub.fileio import atomic_write, atomic_write_text
 from smi_hub.images import to_rgb
 from smi_hub.models import SMIModel
 from training.checkpoint import CheckpointError, find_latest, load_checkpoint
@@ -577,9 +578,7 @@ def cached_features(
     )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        torch.save({"features": feats, "labels": labels_t}, tmp)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: torch.save({"features": feats, "labels": labels_t}, tmp))
     return feats, labels_t
 
 
@@ -715,9 +714,7 @@ def fix_subset(path: str | os.PathLike, indices: Sequence[int]) -> list[int]:
             )
         return saved
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{i}\n" for i in indices))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{i}\n" for i in indices))
     return indices
 
 
@@ -757,9 +754,7 @@ def write_result(result: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write ``result`` as JSON to ``out`` and its markdown table next to it (``.md``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown_table(result))
     return out
 
