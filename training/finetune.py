@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import smi_hub
 from smi_hub.errors import SMIHubError
+from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from training import distributed as D
 from training.checkpoint import (
@@ -604,7 +605,7 @@ def _finish(
         "checkpoint": cfg.model if not cfg.random_init else "random-init",
         "history": history,
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

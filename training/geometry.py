@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from smi_hub.errors import SMIHubError
+from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from training.checkpoint import CheckpointError
 from training.data import DataError, two_view_transform
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
         Path(args.out).with_suffix(".md").write_text(table)
     if args.plot:
         title = f"Backbone feature spectrum, {args.dataset} {args.split} images"
