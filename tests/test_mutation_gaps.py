@@ -2,6 +2,7 @@
 silent skips (tests/conftest.py)."""
 
 import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,42 @@ def pillow_bomb_limit():
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+def _png(image: Image.Image, **save) -> Image.Image:
+    """``image`` as a PNG file decodes it: the tRNS key lands in ``info["transparency"]``."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **save)
+    reopened = Image.open(io.BytesIO(buf.getvalue()))
+    reopened.load()
+    return reopened
+
+
+def test_png_transparency_key_composites_on_white_in_every_mode():
+    """The tRNS key of an L, RGB or P PNG, and the alpha of an LA PNG, composite on white (the
+    module docstring); colours that only nearly match the key stay, compared to numpy."""
+    gray = np.array([[0, 90, 91], [180, 90, 255]], dtype=np.uint8)
+    keyed_l = _png(Image.fromarray(gray, mode="L"), transparency=90)
+    assert keyed_l.mode == "L" and keyed_l.info["transparency"] == 90
+    assert (_gray(keyed_l) == np.where(gray == 90, 255, gray)).all()
+
+    key = (10, 20, 30)
+    rgb = np.array([[key, (10, 20, 31), (0, 0, 0)], [(30, 20, 10), key, (10, 0, 30)]], np.uint8)
+    keyed_rgb = _png(Image.fromarray(rgb, mode="RGB"), transparency=key)
+    assert keyed_rgb.mode == "RGB" and keyed_rgb.info["transparency"] == key
+    hit = (rgb == key).all(axis=-1, keepdims=True)
+    assert (np.asarray(to_rgb(keyed_rgb)) == np.where(hit, 255, rgb)).all()
+
+    alpha = np.array([[0, 255, 128], [64, 255, 0]], dtype=np.uint8)
+    la = _png(Image.fromarray(np.stack([gray, alpha], axis=-1), mode="LA"))
+    a = alpha / 255
+    assert np.abs(_gray(la) - (gray * a + 255 * (1 - a))).max() <= 1
+
+    palette = np.array([[200, 0, 0], [0, 200, 0], [0, 0, 200]], dtype=np.uint8)
+    idx = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)
+    indexed = Image.fromarray(idx, mode="P")
+    indexed.putpalette(palette.reshape(-1).tolist())
+    keyed_p = _png(indexed, transparency=1)  # palette entry 1 is transparent
+    assert keyed_p.mode == "P" and keyed_p.info["transparency"] == 1
+    expected = np.where((idx == 1)[..., None], 255, palette[idx])
+    assert (np.asarray(to_rgb(keyed_p)) == expected).all()
