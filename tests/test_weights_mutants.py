@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import smi_hub
+import smi_hub.weights as weights_module
 from smi_hub.errors import ChecksumError, DownloadError, UnsupportedFormatError, WeightsError
 from smi_hub.models import ARCHS
 from smi_hub.weights import (
@@ -27,6 +28,9 @@ from smi_hub.weights import (
     validate_config,
 )
 
+# mutmut runs each function of a mutated module through a wrapper (more frames between a
+# warning and its caller): there the warnings' stacklevel is checked through a spy instead
+UNDER_MUTMUT = load_weights_folder.__code__.co_filename != weights_module.__file__
 FIX = (
     ". Fix these fields or re-export the weights folder (smi-hub export / "
     "SMIModel.save_pretrained)."
@@ -269,12 +273,27 @@ def test_load_returns_eval_model_on_the_asked_device(folder):
     assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
 
 
-def test_unverified_warning_text_and_location(folder):
+def _spy_stacklevels(monkeypatch) -> list[int]:
+    """The stacklevel of each warning; warnings still point where they did (one frame up)."""
+    levels: list[int] = []
+    real = warnings.warn
+
+    def spy(message, category=None, stacklevel=1, **kw):
+        levels.append(stacklevel)
+        real(message, category, stacklevel + 1, **kw)
+
+    monkeypatch.setattr(warnings, "warn", spy)
+    return levels
+
+
+def test_unverified_warning_text_and_location(folder, monkeypatch):
     edit_config(folder, weights_sha256=None)
+    levels = _spy_stacklevels(monkeypatch)
     with pytest.warns(UnverifiedWeightsWarning) as record:
         load_weights_folder(folder)
     (w,) = record.list
-    assert w.filename == __file__  # points at the caller of load_weights_folder
+    assert levels == [2]  # load_weights_folder's caller
+    assert UNDER_MUTMUT or w.filename == __file__
     assert str(w.message) == (
         f"{folder / 'config.json'} records no weights_sha256, so {folder / 'model.safetensors'} "
         "cannot be verified (corruption or tampering would go unnoticed). Re-export the folder "
@@ -320,7 +339,7 @@ def test_exactly_five_wrong_dtypes_have_no_count(folder):
         load_weights_folder(folder)
 
 
-def test_non_finite_listed_five_then_counted_at_the_callers_line(folder):
+def test_non_finite_listed_five_then_counted_at_the_callers_line(folder, monkeypatch):
     names: list[str] = []
 
     def poison(state):
@@ -329,10 +348,12 @@ def test_non_finite_listed_five_then_counted_at_the_callers_line(folder):
             state[k] = torch.full_like(state[k], float("nan"))
 
     weights = _rewrite(folder, poison)
+    levels = _spy_stacklevels(monkeypatch)
     with pytest.warns(RuntimeWarning) as record:
         load_weights_folder(folder)
-    (w,) = [w for w in record.list if w.category is RuntimeWarning]
-    assert w.filename == __file__
+    (w,) = record.list
+    assert levels == [3]  # check_tensors -> load_weights_folder -> its caller
+    assert UNDER_MUTMUT or w.filename == __file__
     assert str(w.message) == (
         f"{weights} holds NaN or infinite values in 6 tensor(s): {', '.join(names[:5])} "
         "(+1 more). The model will produce NaN features; the weights are probably from a "
