@@ -170,17 +170,29 @@ class _Source:
     """Inputs, addressable by position: a tensor batch, a map-style dataset, or a stream.
 
     ``n`` is the number of inputs (for a stream: known once it was iterated); ``ids`` the file
-    paths when the inputs are files (else rows are named by position); ``fingerprint`` what a
-    resumed run must match.
+    paths when the inputs are files (else rows are named by position); ``fingerprint`` computes
+    what a resumed run must match (only called when a store is written: hashing a large input
+    costs more than extracting its features on a GPU).
     """
 
     kind: str  # "tensor" | "dataset" | "stream"
     data: Any
     n: int | None
     ids: list[str] | None
-    fingerprint: str
+    fingerprint: Callable[[], str]
     transform: Callable | None = None
     image_key: str | None = None
+
+
+def _tensor_digest(data: torch.Tensor) -> str:
+    return hashlib.sha256(data.cpu().numpy().tobytes()).hexdigest()
+
+
+def _images_digest(images: Sequence[Image.Image]) -> str:
+    digest = hashlib.sha256()
+    for im in images:
+        digest.update(f"{im.mode}{im.size}".encode() + im.tobytes())
+    return digest.hexdigest()
 
 
 def _file_fingerprint(files: Sequence[str]) -> str:
@@ -221,8 +233,8 @@ def _source(data: Any, tfm: Callable) -> _Source:
         if data.ndim != 4:
             raise ValueError(f"A tensor input must be B x 3 x H x W, got {tuple(data.shape)}.")
         data = data.contiguous()
-        digest = hashlib.sha256(data.cpu().numpy().tobytes()).hexdigest()
-        return _Source("tensor", data, len(data), None, f"tensor:{tuple(data.shape)}:{digest}")
+        fp = lambda: f"tensor:{tuple(data.shape)}:{_tensor_digest(data)}"  # noqa: E731
+        return _Source("tensor", data, len(data), None, fp)
     if isinstance(data, str | os.PathLike):
         path = Path(data)
         if str(data) == "":
@@ -239,29 +251,34 @@ def _source(data: Any, tfm: Callable) -> _Source:
             files = [str(path)]
         else:
             raise FileNotFoundError(f"{path}: no such file or folder of images.")
-        return _Source("dataset", _Files(files, tfm), len(files), files, _file_fingerprint(files))
+        return _Source(
+            "dataset", _Files(files, tfm), len(files), files, lambda: _file_fingerprint(files)
+        )
     if _is_hf(data, "Dataset"):
         key = _hf_image_key(data)
         fp = f"hf:{getattr(data, '_fingerprint', None)}:{len(data)}"
         base = data.with_format(None) if data.format.get("type") else data
-        return _Source("dataset", _Wrapped(base, tfm, key), len(data), None, fp)
+        return _Source("dataset", _Wrapped(base, tfm, key), len(data), None, lambda: fp)
     if _is_hf(data, "IterableDataset"):
         key = _hf_image_key(data)
         base = data.with_format(None) if getattr(data, "_formatting", None) else data
-        return _Source("stream", base, None, None, f"stream:{data!r}", tfm, key)
+        return _Source("stream", base, None, None, lambda: f"stream:{data!r}", tfm, key)
     if isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
-            return _Source("stream", data, None, None, f"stream:{type(data).__name__}", tfm)
+            fp = f"stream:{type(data).__name__}"
+            return _Source("stream", data, None, None, lambda: fp, tfm)
         fp = f"dataset:{type(data).__name__}:{len(data)}"
-        return _Source("dataset", _Wrapped(data, tfm), len(data), None, fp)
+        return _Source("dataset", _Wrapped(data, tfm), len(data), None, lambda: fp)
     if isinstance(data, Sequence) and all(isinstance(p, str | os.PathLike) for p in data):
         files = [str(p) for p in data]
-        return _Source("dataset", _Files(files, tfm), len(files), files, _file_fingerprint(files))
+        return _Source(
+            "dataset", _Files(files, tfm), len(files), files, lambda: _file_fingerprint(files)
+        )
     if isinstance(data, Sequence) and all(isinstance(p, Image.Image) for p in data):
-        digest = hashlib.sha256()
-        for im in data:
-            digest.update(f"{im.mode}{im.size}".encode() + im.tobytes())
-        return _Source("dataset", _Wrapped(list(data), tfm), len(data), None, digest.hexdigest())
+        images = list(data)
+        return _Source(
+            "dataset", _Wrapped(images, tfm), len(images), None, lambda: _images_digest(images)
+        )
     raise TypeError(
         "images_or_dataset must be a folder, a path, a list file, a list of paths or PIL images, "
         "a datasets.Dataset / IterableDataset, a torch Dataset or a tensor batch; got "
@@ -448,7 +465,12 @@ def extract_features(
         }
         fingerprint = _sha256_text(
             json.dumps(
-                {**header, "input": src.fingerprint, "shard_size": shard_size, "batch": batch_size},
+                {
+                    **header,
+                    "input": src.fingerprint(),
+                    "shard_size": shard_size,
+                    "batch": batch_size,
+                },
                 sort_keys=True,
             )
         )
