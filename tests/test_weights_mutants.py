@@ -12,6 +12,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import smi_hub
@@ -25,6 +26,7 @@ from smi_hub.weights import (
     read_config,
     resolve_hf_folder,
     sha256_file,
+    timm_architecture,
     validate_config,
 )
 
@@ -480,3 +482,85 @@ def test_hf_error_messages(monkeypatch):
         "refused). Check the connection (and HF_ENDPOINT / proxy settings) and retry, or "
         f"{PRE}."
     )
+
+
+# ---- what save_weights_folder writes ---------------------------------------------------------
+
+
+def test_timm_architecture_only_for_the_standard_layout():
+    assert timm_architecture({"arch": "resnet50"}) == "resnet50"  # width 64, ImageNet stem
+    assert timm_architecture({"arch": "resnet18", "base_width": 64, "small_stem": False}) == (
+        "resnet18"
+    )
+    assert timm_architecture({"arch": "resnet18", "base_width": 32}) is None
+    assert timm_architecture({"arch": "resnet18", "small_stem": True}) is None
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+@pytest.mark.parametrize("with_projector", [True, False])
+def test_saved_config_and_file_contents(tmp_path, with_projector):
+    torch.manual_seed(0)
+    model = smi_hub.SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[8])
+    out = smi_hub.save_weights_folder(model, tmp_path / "mine", with_projector=with_projector)
+    weights = out / "model.safetensors"
+    state = load_file(str(weights))
+    assert any(k.startswith("projector.") for k in state) == with_projector
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata() == {"format": "pt", "smi_hub_format": "1"}
+    pretrained = {k: v for k, v in model.pretrained_cfg.items() if k != "weights_sha256"}
+    expected = {
+        **model.config,
+        "projector_dims": [8] if with_projector else [],
+        "format_version": 1,
+        "library": "smi-hub",
+        "num_features": 32,
+        "num_params": sum(v.numel() for v in state.values()),
+        "weights_sha256": sha256_file(weights),
+        "training": {},
+        "results": {},
+        "pretrained_cfg": pretrained,
+    }
+    assert json.loads((out / "config.json").read_text()) == _json(expected)
+    assert (out / "config.json").read_text().endswith("}\n")
+    assert "\n# mine\n" in (out / "README.md").read_text()  # the folder's name by default
+
+
+def test_a_model_without_projector_saves_none(tmp_path):
+    model = smi_hub.SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[])
+    out = smi_hub.save_weights_folder(model, tmp_path / "w", with_projector=True)
+    assert json.loads((out / "config.json").read_text())["projector_dims"] == []
+    assert load_weights_folder(out).projector is None
+
+
+def test_provenance_defaults_to_the_loaded_weights(tmp_path):
+    model = smi_hub.SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[8])
+    first = smi_hub.save_weights_folder(
+        model, tmp_path / "a", training={"epochs": 3}, results={"knn_top1": 50.0}, name="A"
+    )
+    loaded = load_weights_folder(first)
+    assert "weights_sha256" in loaded.pretrained_cfg  # the loaded one, never written back
+    again = json.loads(
+        (smi_hub.save_weights_folder(loaded, tmp_path / "b") / "config.json").read_text()
+    )
+    assert again["training"] == {"epochs": 3} and again["results"] == {"knn_top1": 50.0}
+    assert "weights_sha256" not in again["pretrained_cfg"]
+    explicit = smi_hub.save_weights_folder(loaded, tmp_path / "c", training={}, results={})
+    cfg = json.loads((explicit / "config.json").read_text())
+    assert cfg["training"] == {} and cfg["results"] == {}
+    loaded.weights_config = {"training": None, "results": None}
+    cfg = json.loads(
+        (smi_hub.save_weights_folder(loaded, tmp_path / "d") / "config.json").read_text()
+    )
+    assert cfg["training"] == {} and cfg["results"] == {}
+    assert "\n# A\n" in (first / "README.md").read_text()
+
+
+def test_sha256_file_reads_in_chunks(tmp_path):
+    data = bytes(range(256)) * 5000  # 1.28 MB: more than one default chunk
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == want and sha256_file(path, chunk_size=1000) == want
