@@ -80,7 +80,7 @@ def parse_bytes(text: str | int | float) -> int:
     """``"2GB"``, ``"512MiB"``, ``"1.5G"`` or a number of bytes -> bytes."""
     if isinstance(text, int | float):
         return int(text)
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
     if not m:
         raise ValueError(f"{text!r} is not a memory size; write e.g. 2GB, 512MB or 1.5G.")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
@@ -192,7 +192,7 @@ class EmbeddingIndex:
         self.kind = kind
         self.memory_budget = parse_bytes(memory_budget)
         self.factory = "Flat" if kind == "flat" else None
-        self.backend = backend if kind == "flat" else "faiss"
+        self.backend = backend if kind in ("flat", "auto") else "faiss"  # auto: once resolved
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.embeddings: torch.Tensor | None = torch.empty(0, dim or 0)
         self.labels: list[Any] = []
@@ -552,7 +552,7 @@ class EmbeddingIndex:
             if kind == "flat":
                 index.embeddings = load_file(str(path))["embeddings"].float()
                 count = index.embeddings.shape
-                ok = count == (info["count"], info["dim"])
+                ok = count == (info["count"], info["dim"] or 0)  # an empty index may have no dim
             else:
                 faiss = _import_faiss()
                 flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
