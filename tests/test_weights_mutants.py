@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -564,3 +566,42 @@ def test_sha256_file_reads_in_chunks(tmp_path):
     path.write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
     assert sha256_file(path) == want and sha256_file(path, chunk_size=1000) == want
+
+
+# ---- which errors count as network errors, and offline mode ---------------------------------
+
+
+def _fake_requests() -> types.ModuleType:
+    """requests (what huggingface_hub < 1.0 is built on) is not installed here: a stand-in."""
+    module = types.ModuleType("requests")
+    module.ConnectionError = type("ConnectionError", (OSError,), {})
+    module.Timeout = type("Timeout", (OSError,), {})
+    return module
+
+
+@pytest.mark.parametrize("name", ["ConnectionError", "Timeout"])
+def test_requests_network_errors_become_download_errors(monkeypatch, name):
+    fake = _fake_requests()
+    monkeypatch.setitem(sys.modules, "requests", fake)
+    exc = getattr(fake, name)("down")
+    assert _message(monkeypatch, exc, DownloadError).startswith(
+        f"Downloading 'o/m' from the Hugging Face Hub failed: network error ({name}: down)."
+    )
+
+
+def test_a_missing_http_client_does_not_hide_the_others(monkeypatch):
+    import httpx
+
+    monkeypatch.setitem(sys.modules, "httpx2", None)  # import httpx2 raises ImportError
+    monkeypatch.setitem(sys.modules, "requests", _fake_requests())
+    errors = weights_module._network_errors()
+    assert httpx.TransportError in errors
+    assert sys.modules["requests"].Timeout in errors
+
+
+def test_offline_mode_without_the_hub_constant(monkeypatch):
+    """A huggingface_hub without constants.HF_HUB_OFFLINE: only the variable decides."""
+    monkeypatch.delattr(huggingface_hub.constants, "HF_HUB_OFFLINE")
+    assert weights_module._hf_offline() is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert weights_module._hf_offline() is True
