@@ -318,7 +318,7 @@ def test_wrong_dtypes_listed_five_then_counted(folder):
     names: list[str] = []
 
     def to_int(state):
-        names.extend(sorted(k for k, v in state.items() if v.is_floating_point())[:7])
+        names.extend(sorted(k for k, v in state.items() if v.is_floating_point())[:6])
         for k in names:
             state[k] = state[k].to(torch.int16)
 
@@ -327,7 +327,7 @@ def test_wrong_dtypes_listed_five_then_counted(folder):
         load_weights_folder(folder)
     shown = ", ".join(f"{k}: torch.int16 (expected torch.float32)" for k in names[:5])
     assert str(e.value) == (
-        f"{weights} holds tensors of the wrong dtype: {shown} (+2 more). Weights must be "
+        f"{weights} holds tensors of the wrong dtype: {shown} (+1 more). Weights must be "
         "floating point (quantized or integer files are not supported); re-export them from a "
         "checkpoint."
     )
@@ -605,3 +605,16 @@ def test_offline_mode_without_the_hub_constant(monkeypatch):
     assert weights_module._hf_offline() is False
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert weights_module._hf_offline() is True
+
+
+def test_exactly_five_non_finite_have_no_count(folder):
+    names: list[str] = []
+
+    def poison(state):
+        names.extend(sorted(k for k, v in state.items() if v.is_floating_point())[:5])
+        for k in names:
+            state[k][...] = float("inf")
+
+    _rewrite(folder, poison)
+    with pytest.warns(RuntimeWarning, match=rf"5 tensor\(s\): {', '.join(names)}\. The model"):
+        load_weights_folder(folder)
