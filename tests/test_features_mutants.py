@@ -111,6 +111,9 @@ def test_array_to_pil_layouts(fmnist):
     arr = np.zeros((4, 4), np.float32)
     assert F._array_to_pil(arr) is arr
     assert F._array_to_pil("x") == "x"
+    # RGBA rows: a 4-channel last axis is never transposed either, even 3 rows high
+    rgba = np.dstack([rgb[:3, :8], np.full((3, 8), 200, np.uint8)])
+    assert np.array_equal(np.asarray(F._array_to_pil(rgba)), rgba)
     # a 3-channel last axis is never transposed, even when the first axis is 3
     square = np.arange(27, dtype=np.uint8).reshape(3, 3, 3)
     assert np.array_equal(np.asarray(F._array_to_pil(square)), square)
@@ -483,9 +486,12 @@ def test_failures_are_named_and_warned(fmnist, probe, tmp_path):
     assert len(record) == 1
     assert str(record[0].message) == message
     assert store.failed == out.failed and store.paths == out.paths
-    # three failures: no "more"; none: no warning
-    for p in folder.glob("bad_[de].png"):
-        p.unlink()
+    # four failures: one more; three: no "more"; none: no warning
+    (folder / "bad_e.png").unlink()
+    with pytest.warns(RuntimeWarning) as record:
+        extract(probe, folder)
+    assert str(record[0].message).endswith(" (+1 more)")
+    (folder / "bad_d.png").unlink()
     with pytest.warns(RuntimeWarning) as record:
         extract(probe, folder)
     assert str(record[0].message).count("not a readable image") == 3
