@@ -272,6 +272,8 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                 "total_steps": total_steps,
                 "peak_lr": peak_lr,
                 "num_params": sum(p.numel() for p in model.parameters()),
+                "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads(),
             }
         )
     monitor_ds = None
