@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import re
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from smi_hub import SMIModel, load_weights_folder, save_weights_folder
+from smi_hub.fashion_mnist import FashionMNIST
 from training import evaluate
+from training.data import subset_indices
 from training.evaluate import (
     EvalError,
     knn_classify,
@@ -205,3 +212,183 @@ def test_low_shot_defaults(digits):
         assert ref["metrics"]["top1"] in res["runs"]["all" if s is None else str(s)]
     knn = low_shot(x_tr, y_tr, x_te, y_te, (None,), classifier="knn")
     assert knn["runs"]["all"] == [knn_classify(x_tr, y_tr, x_te, y_te, 20, 0.07)["top1"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A small 28 px backbone saved as a weights folder (with a projector)."""
+    torch.manual_seed(0)
+    model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[16],
+                     image_size=28)  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny") / "w"
+    save_weights_folder(model, folder)
+    return folder
+
+
+def test_semisup_cli_fine_tunes_on_a_pinned_label_subset(tmp_path, capsys, tiny_weights):
+    out = tmp_path / "semi" / "s.json"
+    argv = ["semisup", "--weights", str(tiny_weights), "--fraction", "0.1",
+            "--train-subset", "3000", "--test-subset", "50", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    result = json.loads(out.read_text())
+    index_file = tmp_path / "semi" / "subsets" / "fashion_mnist_train_0.1_seed0.txt"
+    indices = [int(v) for v in index_file.read_text().split()]
+    s = result["settings"]
+    assert {k: s[k] for k in ("protocol", "fraction", "lr_backbone", "lr_head", "weight_decay",
+                              "epochs", "batch_size", "subset_file", "finetuned", "test_images",
+                              "labelled_images")} == {  # fmt: skip
+        "protocol": "vicreg", "fraction": 0.1, "lr_backbone": 0.01, "lr_head": 0.1,
+        "weight_decay": 0.0, "epochs": 1, "batch_size": 256, "subset_file": str(index_file),
+        "finetuned": str(tmp_path / "semi" / "s_finetuned"), "test_images": 50,
+        "labelled_images": len(indices),
+    }  # fmt: skip
+    # the index file: 10 % of each class of the 3,000-image subset, in the split's numbering
+    positions = subset_indices(60000, 3000, 0)
+    assert set(indices) <= set(positions)
+    targets = np.asarray(FashionMNIST("train").labels, dtype=int)
+    per_class = np.bincount(targets[indices], minlength=10)
+    expected = np.maximum(1, np.round(0.1 * np.bincount(targets[positions], minlength=10)))
+    assert per_class.tolist() == expected.astype(int).tolist()
+    # finetune ran with the reference settings, on exactly those images
+    ft = json.loads((tmp_path / "semi" / "s_finetuned" / "metrics.json").read_text())
+    assert result["metrics"] == {k: ft["metrics"][k] for k in ("top1", "top5")}
+    expected_cfg = {
+        "model": str(tmp_path / "semi" / "s_base"), "data": "fashion_mnist", "data_path": None,
+        "train_split": "train", "test_split": "test", "image_key": "image", "label_key": "label",
+        "train_subset": 3000, "test_subset": 50, "label_fraction": 0.1, "val_fraction": 0.0,
+        "epochs": 1, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "backbone_lr": 0.01,
+        "weight_decay": 0.0, "momentum": 0.9, "warmup_steps": 0, "label_smoothing": 0.0,
+        "crop_scale": [0.08, 1.0], "hflip_prob": 0.5, "device": "cpu", "num_workers": 0,
+        "seed": 0,
+    }  # fmt: skip
+    assert {k: ft["settings"][k] for k in expected_cfg} == expected_cfg
+    used = json.loads((tmp_path / "semi" / "s_finetuned" / "labels.json").read_text())
+    assert used["train_indices"] == indices
+    # what was fine-tuned: the backbone as given, saved without its projector
+    base = load_weights_folder(tmp_path / "semi" / "s_base")
+    given = load_weights_folder(tiny_weights)
+    assert base.projector is None or not list(base.projector.parameters())
+    assert all(
+        torch.equal(v, given.backbone_state_dict()[k])
+        for k, v in base.backbone_state_dict().items()
+    )
+
+
+def test_defaults_are_the_documented_values():
+    """DINO's k-NN (k 20, T 0.07) and the transfer probe's settings, in the API and the CLI."""
+
+    def defaults(fn) -> dict:
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+
+    args = evaluate.build_parser().parse_args(["knn"])
+    for fn in (knn_predict, knn_classify, low_shot):
+        assert (
+            (defaults(fn)["k"], defaults(fn)["temperature"])
+            == (20, 0.07)
+            == (
+                args.k,
+                args.temperature,
+            )
+        )
+    ls = defaults(low_shot)
+    assert (ls["shots"], ls["seeds"], ls["epochs"], ls["lr"], ls["weight_decay"]) == (
+        (1, 5, 10, None), (0, 1, 2), 100, 0.1, 5e-4
+    )  # fmt: skip
+    assert (args.shots, args.seeds, args.classifier) == (
+        ["1", "5", "10", "all"],
+        [0, 1, 2],
+        "linear",
+    )
+    assert defaults(evaluate.train_linear)["seed"] == 0
+
+
+def test_knn_classify_ranks_classes_missing_from_training():
+    # classes 3 and 4 appear in the test labels only: five classes in all, so the top 5
+    # holds every class and counts every test image, the unseen classes included
+    x_tr = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    y_tr = torch.tensor([0, 1, 2])
+    x_te = torch.tensor([[1.0, 0.1], [0.1, 1.0], [-1.0, 0.2], [0.0, -1.0], [0.5, -1.0]])
+    y_te = torch.tensor([0, 1, 2, 3, 4])
+    assert knn_classify(x_tr, y_tr, x_te, y_te, k=2) == {"top1": 60.0, "top5": 100.0}
+
+
+def test_per_class_report_edge_cases():
+    # 1-D predictions, a class seen once, the last class never predicted, default names
+    labels = torch.tensor([0, 0, 1, 2, 2])
+    pred = torch.tensor([0, 1, 1, 0, 1])
+    report = evaluate.per_class_report(pred, labels, 3)
+    assert report == {
+        "classes": ["0", "1", "2"],
+        "top1": [50.0, 100.0, 0.0],
+        "confusion": [[1, 1, 0], [0, 1, 0], [1, 1, 0]],
+    }
+    assert evaluate.per_class_report(pred[:, None], labels, 3) == report
+
+
+def test_train_linear_init_progress_and_default_seed(capsys):
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(40) % 3
+    clf = evaluate.train_linear(x, y, 3, epochs=0)  # the initial classifier
+    expected = torch.empty(3, 6).normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(clf.weight.data, expected) and not clf.bias.any()
+    a, b = evaluate.train_linear(x, y, 3, epochs=2), evaluate.train_linear(x, y, 3, 2, seed=0)
+    assert torch.equal(a.weight, b.weight)
+    assert capsys.readouterr().err == ""  # no progress bar without desc
+    evaluate.train_linear(x, y, 3, epochs=2, desc="probe X")
+    err = capsys.readouterr().err
+    assert "probe X" in err and re.search(r"epoch/s|s/epoch", err)
+
+
+def test_linear_probe_sweep_records_each_setting(digits):
+    x_tr, y_tr, x_te, y_te = digits
+    res = linear_probe(x_tr, y_tr, x_te, y_te, (0.1, 0.01), (0.0, 1e-3), epochs=2, progress=False)
+    assert [(s["lr"], s["weight_decay"]) for s in res["sweep"]] == [
+        (0.1, 0.0), (0.1, 1e-3), (0.01, 0.0), (0.01, 1e-3)
+    ]  # fmt: skip
+    assert all(set(s) == {"lr", "weight_decay", "val_top1"} for s in res["sweep"])
+
+
+def test_reference_linear_without_epochs_and_its_progress_bar(capsys):
+    model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[],
+                     image_size=16)  # fmt: skip
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 2)
+    res = evaluate.reference_linear(model, data, data, 2, lr=0.1, epochs=0)
+    assert res["metrics"] == {"top1": 0.0, "top5": 0.0, "best_top1": 0.0, "best_top5": 0.0}
+    assert res["history"] == [] and res["predictions"].numel() == res["labels"].numel() == 0
+    capsys.readouterr()
+    evaluate.reference_linear(model, data, data, 2, lr=0.1, epochs=1, batch_size=4)
+    err = capsys.readouterr().err
+    assert "linear (reference)" in err and re.search(r"epoch/s|s/epoch", err)
+
+
+def test_low_shot_progress_bar_only(digits, capsys):
+    x_tr, y_tr, x_te, y_te = digits
+    low_shot(x_tr, y_tr, x_te, y_te, (1,), (0, 1), epochs=2)
+    err = capsys.readouterr().err
+    assert "low-shot" in err and re.search(r"fit/s|s/fit", err)
+    assert "linear" not in err  # no bar per fit
+
+
+def test_digits_defaults_to_its_train_split():
+    digits = evaluate.DigitsDataset()
+    assert digits.indices == evaluate.DigitsDataset("train").indices
+    assert digits.classes == [str(c) for c in range(10)]
+
+
+def test_fix_subset_creates_folders_and_explains_a_mismatch(tmp_path):
+    path = tmp_path / "a" / "b" / "s.txt"
+    assert evaluate.fix_subset(path, [2, 1]) == [1, 2]
+    with pytest.raises(EvalError) as e:
+        evaluate.fix_subset(path, [1, 2, 3])
+    assert str(e.value) == (
+        f"{path} holds a different label subset (2 indices) than this dataset, fraction and "
+        "seed give (3); the data changed. Delete the file to record the new subset, or restore "
+        "the data it was drawn from."
+    )
+
+
+def test_markdown_table_formats_floats_only():
+    result = {"protocol": "knn", "dataset": "d", "checkpoint": "c",
+              "metrics": {"top1": 12.345, "images": 7}, "settings": {"k": 5}}  # fmt: skip
+    table = evaluate.markdown_table(result)
+    assert "| top1 | 12.35 |" in table and "| images | 7 |" in table
