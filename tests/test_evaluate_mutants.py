@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+import smi_hub
 from smi_hub import SMIModel, load_weights_folder, save_weights_folder
 from smi_hub.fashion_mnist import FashionMNIST
 from training import evaluate
@@ -197,9 +199,15 @@ def test_low_shot_runs_each_protocol_with_its_arguments(digits):
         "allshot_top1": runs["all"][0],
         "allshot_top1_std": 0.0,
     }
-    lin = low_shot(x_tr, y_tr, x_te, y_te, (None,), (1,), "linear", 3, 0.05, 0.01)
-    ref = linear_probe(x_tr, y_tr, x_te, y_te, (0.05,), (0.01,), 3, 256, seed=1, progress=False)
-    assert lin["runs"] == {"all": [ref["metrics"]["top1"]]}
+    # a large learning rate, so that the batch size (256, the references') shows in the result
+    lin = low_shot(x_tr, y_tr, x_te, y_te, (None,), (0,), "linear", 5, 3.0, 0.0)
+    ref = [
+        linear_probe(x_tr, y_tr, x_te, y_te, (3.0,), (0.0,), 5, bs, seed=0, progress=False)
+        for bs in (256, 257)
+    ]
+    assert (
+        lin["runs"] == {"all": [ref[0]["metrics"]["top1"]]} != {"all": [ref[1]["metrics"]["top1"]]}
+    )
 
 
 def test_low_shot_defaults(digits):
@@ -392,3 +400,44 @@ def test_markdown_table_formats_floats_only():
               "metrics": {"top1": 12.345, "images": 7}, "settings": {"k": 5}}  # fmt: skip
     table = evaluate.markdown_table(result)
     assert "| top1 | 12.35 |" in table and "| images | 7 |" in table
+
+
+def _head_predictions(h, y, classes, lr, wd, momentum, epochs) -> torch.Tensor:
+    """The references' head training in float64: full-batch SGD with momentum and weight
+    decay (on weight and bias), cosine per epoch, from N(0, 0.01) weights and zero bias."""
+    w = torch.empty(classes, h.shape[1]).normal_(
+        0, 0.01, generator=torch.Generator().manual_seed(0)
+    )
+    w, b = w.double(), torch.zeros(classes, dtype=torch.float64)
+    buf = None
+    for e in range(epochs):
+        w, b = w.requires_grad_(), b.requires_grad_()
+        loss = torch.nn.functional.cross_entropy(h @ w.T + b, y)
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        grad = (gw + wd * w.detach(), gb + wd * b.detach())
+        buf = (
+            grad if buf is None else tuple(momentum * m + g for m, g in zip(buf, grad, strict=True))
+        )
+        step = lr * 0.5 * (1 + math.cos(math.pi * e / epochs))
+        w, b = w.detach() - step * buf[0], b.detach() - step * buf[1]
+    return (h @ w.T + b).argsort(dim=1, descending=True)
+
+
+def test_reference_linear_head_is_sgd_with_momentum_and_weight_decay(fmnist_test):
+    images, labels = fmnist_test
+    x = torch.tensor(images[:48], dtype=torch.float32)[:, None].expand(-1, 3, -1, -1) / 255
+    y = torch.tensor(labels[:48], dtype=torch.long) % 4
+    model = smi_hub.load(smi_hub.DEFAULT_MODEL).eval()  # real features (Fashion-MNIST SSL)
+    x = (x - torch.tensor(model.mean)[:, None, None]) / torch.tensor(model.std)[:, None, None]
+    with torch.no_grad():
+        h = model.embed(x).double()
+    data = torch.utils.data.TensorDataset(x, y)
+    res = evaluate.reference_linear(model, data, data, 4, 2.0, 0.05, 4, batch_size=48)
+    assert [r["lr"] for r in res["history"]] == pytest.approx(
+        [2.0 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    )
+    expected = _head_predictions(h, y, 4, 2.0, 0.05, 0.9, 4)
+    assert torch.equal(res["predictions"], expected)
+    # the data tells momentum and weight decay apart
+    assert not torch.equal(expected, _head_predictions(h, y, 4, 2.0, 0.05, 0.0, 4))
+    assert not torch.equal(expected, _head_predictions(h, y, 4, 2.0, 0.0, 0.9, 4))
