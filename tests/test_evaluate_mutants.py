@@ -441,3 +441,73 @@ def test_reference_linear_head_is_sgd_with_momentum_and_weight_decay(fmnist_test
     # the data tells momentum and weight decay apart
     assert not torch.equal(expected, _head_predictions(h, y, 4, 2.0, 0.05, 0.0, 4))
     assert not torch.equal(expected, _head_predictions(h, y, 4, 2.0, 0.0, 0.9, 4))
+
+
+def test_cli_protocols_on_digits_record_their_settings(tmp_path, tiny_weights):
+    common = ["--weights", str(tiny_weights), "--data", "digits", "--cache-dir", str(tmp_path / "c"),
+              "--train-subset", "200", "--test-subset", "100"]  # fmt: skip
+
+    def cli(*argv: str) -> dict:
+        out = tmp_path / f"{argv[0]}.json"
+        assert evaluate.main([*argv, *common, "--out", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    knn = cli("knn", "--k", "5")
+    s = knn["settings"]
+    assert (s["resize_ratio"], s["resize"], s["feature_dim"], s["k"]) == (1.0, 28, 32, 5)
+    assert isinstance(s["seconds"], float)
+    assert knn["per_class"]["classes"] == [str(c) for c in range(10)]
+    assert sum(map(sum, knn["per_class"]["confusion"])) == 100
+    # transfer: its numbers are low_shot's and knn_classify's on the cached features
+    tr = cli("transfer", "--shots", "2", "all", "--seeds", "0", "--epochs", "3", "--lr", "0.5")
+    cached = {
+        split: torch.load(next((tmp_path / "c").glob(f"digits_{split}_*.pt")), weights_only=True)
+        for split in ("train", "test")
+    }
+    x_tr, y_tr = cached["train"]["features"], cached["train"]["labels"]
+    x_te, y_te = cached["test"]["features"], cached["test"]["labels"]
+    assert (len(x_tr), len(x_te)) == (200, 100)
+    expected = low_shot(x_tr, y_tr, x_te, y_te, (2, None), (0,), "linear", 3, 0.5, 5e-4)
+    assert tr["metrics"] == expected["metrics"] and tr["runs"] == expected["runs"]
+    assert tr["knn"] == knn_classify(x_tr, y_tr, x_te, y_te, 20, 0.07)
+    assert (tr["settings"]["shots"], tr["settings"]["lr"]) == (["2", "all"], 0.5)
+    # the references' linear evaluation, not the fast probe
+    lin = cli("linear", "--protocol", "vicreg", "--epochs", "1")
+    s = lin["settings"]
+    assert (s["protocol"], s["lr"], s["weight_decay"], s["epochs"], s["batch_size"]) == (
+        "vicreg", 0.02, 1e-6, 1, 256
+    )  # fmt: skip
+    assert (s["train_images"], s["test_images"], len(lin["history"])) == (200, 100, 1)
+    assert s["test_transform"] == "Resize(28) + CenterCrop(28), bilinear"
+    assert set(lin["metrics"]) == {"top1", "top5", "best_top1", "best_top5"}
+    assert sum(map(sum, lin["per_class"]["confusion"])) == 100
+
+
+def test_cli_parser_choices_defaults_and_groups():
+    parser = evaluate.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["nearest"])
+    assert parser.parse_args(["knn"]).dataset == "fashion_mnist"
+    help_text = parser.format_help()
+    for group in ("model:", "data:", "run:", "k-NN:", "linear probe / transfer / semisup:"):
+        assert f"\n{group}\n" in help_text
+
+
+def test_load_model_random_init_and_messages(tiny_weights):
+    trained = load_weights_folder(tiny_weights)
+    model, origin = evaluate.load_model(weights=str(tiny_weights), random_init=True, seed=1)
+    assert origin == "random-init" and model.config["base_width"] == 4
+    assert not torch.equal(model.backbone_state_dict()["conv1.weight"],
+                           trained.backbone_state_dict()["conv1.weight"])  # fmt: skip
+    with pytest.raises(EvalError) as e:
+        evaluate.load_model(random_init=True)
+    assert str(e.value) == (
+        "--random-init needs an architecture: pass --config, --checkpoint, --weights or "
+        "--run-dir to copy it from."
+    )
+    with pytest.raises(EvalError) as e:
+        evaluate.load_model()
+    assert str(e.value) == (
+        "No model given: pass --checkpoint PATH, --weights FOLDER|NAME, --run-dir DIR or "
+        "--random-init (with an architecture source)."
+    )
