@@ -9,6 +9,7 @@ records the size of every batch it sees; images are Fashion-MNIST and skimage ph
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import datasets
@@ -402,7 +403,7 @@ def test_progress_bar_counts_batches(fmnist, probe, tmp_path, capsys):
     capsys.readouterr()
     extract(probe, images, batch_size=3, progress=True, out=tmp_path / "s", shard_size=5)
     err = capsys.readouterr().err
-    assert "5/5" in err and "batch" in err
+    assert "5/5" in err and re.search(r"\d(batch/s|s/batch)", err)
     extract(probe, images, batch_size=4, progress=False)
     assert capsys.readouterr().err == ""
 
@@ -506,6 +507,10 @@ def test_failures_are_named_and_warned(fmnist, probe, tmp_path):
     with pytest.warns(RuntimeWarning):
         empty = extract(probe, only_bad)
     assert empty.features.shape == (0, 3) and empty.paths == [] and empty.labels is None
+    bare = torch.nn.Module()  # no num_features: N x 0
+    bare.embed = probe.embed
+    with pytest.warns(RuntimeWarning):
+        assert extract(bare, only_bad).features.shape == (0, 0)
 
 
 def test_empty_stream_is_refused(probe, tmp_path):

@@ -143,6 +143,7 @@ def test_exact_topk_streamed_over_chunks(db):
         s, i = I._exact_topk(q, iter(x.split(size)), 6)
         assert np.array_equal(i.numpy(), ref_i), size
         np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-6)
+        assert i.dtype == torch.long  # float32 row numbers are inexact past 2**24 rows
     s, i = I._exact_topk(q, iter(x[:3].split(2)), 6)  # fewer rows than k
     assert i.shape == (7, 3) and np.array_equal(
         i.numpy(), brute(db[:3], clustered(7, 16, seed=5), 3)[1]
@@ -236,6 +237,11 @@ def test_faiss_flat_sees_vectors_added_after_a_search(db):
 def test_train_and_untrained_add(db):
     flat = EmbeddingIndex()
     assert flat.train(db[:10]) is flat and flat._faiss is None and flat.dim == 16
+    trained = EmbeddingIndex(kind="ivf").train(db[:2000])  # cells from the vector count
+    assert trained.factory == f"IVF{I._nlist(2000)},Flat" and trained._faiss.ntotal == 0
+    with pytest.raises(ValueError) as e:
+        EmbeddingIndex(kind="ivf").train(torch.zeros(3, 4, 5))
+    assert str(e.value).startswith("sample must be N x D vectors, got shape (3, 4, 5)")
     ivf = EmbeddingIndex(kind="ivf")
     ivf.add(db[:2000], labels=[f"v{i}" for i in range(2000)])  # trained on these vectors
     assert ivf._faiss.is_trained and ivf._faiss.ntotal == 2000 and ivf.dim == 16
@@ -363,6 +369,11 @@ def test_search_time_knobs_apply_to_one_call(db):
     assert recall(full, truth) == 1.0 and recall(low, truth) < 1.0
     assert np.array_equal(ivf.search(db[:100], k=10).indices.numpy(), low)  # back to 1
     assert inner.nprobe == 1
+    for kind in ("ivfsq", "ivfpq"):  # the index's own nprobe comes back after an override
+        other = EmbeddingIndex.build(db, kind=kind, nprobe=2, queries=0)
+        other.search(db[:5], k=3, nprobe=8)
+        other.search(db[:5], k=3)
+        assert faiss.extract_index_ivf(other._faiss).nprobe == 2, kind
     untuned = EmbeddingIndex.build(db, kind="ivf", queries=0)
     untuned.search(db[:5], k=3, nprobe=4)
     assert faiss.extract_index_ivf(untuned._faiss).nprobe == 4
@@ -433,6 +444,9 @@ def test_empty_indexes_round_trip(tmp_path):
         assert len(back) == 0 and back.dim == dim
         back.add(torch.ones(2, 3 if dim is None else dim))
         assert len(back) == 2
+    trained = EmbeddingIndex().train(torch.ones(5, 6))  # a flat index knows its dim, no rows
+    back = EmbeddingIndex.load(trained.save(tmp_path / "t"))
+    assert len(back) == 0 and back.dim == 6 and back.embeddings.shape == (0, 6)
 
 
 def test_file_digest_over_several_blocks(tmp_path):
@@ -536,4 +550,6 @@ def test_faiss_missing_is_a_clear_error(monkeypatch):
             "faiss is needed for backend='faiss' and approximate kinds: pip install faiss-cpu "
             "(or smi-hub[faiss]); kind='flat' with backend='torch' needs nothing."
         )
-    assert len(EmbeddingIndex().add(torch.ones(2, 3))) == 2
+    x = clustered(50, 8)
+    flat = EmbeddingIndex().add(x)  # exact torch search needs no faiss
+    assert np.array_equal(flat.search(x[:5], k=4).indices.numpy(), brute(x, x[:5], 4)[1])
