@@ -354,6 +354,10 @@ def test_linear_probe_sweep_records_each_setting(digits):
         (0.1, 0.0), (0.1, 1e-3), (0.01, 0.0), (0.01, 1e-3)
     ]  # fmt: skip
     assert all(set(s) == {"lr", "weight_decay", "val_top1"} for s in res["sweep"])
+    pred = res["predictions"]  # the test set's ranked top-5 classes
+    assert pred.shape == (len(x_te), 5)
+    hits = sum(int(t) in p for p, t in zip(pred.tolist(), y_te.tolist(), strict=True))
+    assert res["metrics"]["top5"] == pytest.approx(100 * hits / len(y_te))
 
 
 def test_reference_linear_without_epochs_and_its_progress_bar(capsys):
