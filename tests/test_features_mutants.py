@@ -288,12 +288,55 @@ def test_sources_and_their_messages(tmp_path, fmnist, probe):
     as_l = F._source([im.convert("P") for im in fmnist[0][:3]], to_float)
     assert pils.fingerprint != as_l.fingerprint  # same bytes, other mode
 
+    stream_dd = datasets.IterableDatasetDict(
+        {"test": datasets.Dataset.from_dict({"a": [1]}).to_iterable_dataset()}
+    )
+    with pytest.raises(ValueError, match=r"splits \['test'\]; choose one: ds\['test'\]"):
+        F._source(stream_dd, to_float)
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": [1]}), "b": None})
     with pytest.raises(ValueError) as e:
         F._source(dd, to_float)
     assert str(e.value) == (
         "This is a DatasetDict with splits ['b', 'train']; choose one: ds['b'] (CLI: --split b)."
     )
+
+
+def test_hf_dataset_with_a_typed_image_column_of_any_name(fmnist, probe):
+    images, labels = fmnist
+    ds = datasets.Dataset.from_dict(
+        {"photo": images, "label": labels},
+        features=datasets.Features({"photo": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    out = extract(probe, ds, batch_size=4)
+    torch.testing.assert_close(out.features, means(images))
+    assert out.labels.tolist() == labels and out.failed == []
+    with pytest.raises(ValueError, match="No image column"):
+        extract(probe, datasets.Dataset.from_dict({"a": [1, 2]}))
+
+
+def test_a_changed_file_restarts_a_store_of_listed_paths(fmnist, probe, tmp_path):
+    files = []
+    for i, im in enumerate(fmnist[0][:4]):
+        files.append(tmp_path / f"{i}.png")
+        im.save(files[-1])
+    out = tmp_path / "s"
+    original = probe.embed
+
+    def dies_on_the_second_batch(x):
+        if probe.batches:
+            raise InterruptedError
+        return original(x)
+
+    probe.embed = dies_on_the_second_batch
+    with pytest.raises(InterruptedError):
+        extract(probe, files, batch_size=2, out=out, shard_size=2)
+    probe.embed = original
+    fmnist[0][5].save(files[0])  # another image under the same name: not resumed
+    probe.batches.clear()
+    with pytest.warns(RuntimeWarning, match="starting over"):
+        store = extract(probe, files, batch_size=2, out=out, shard_size=2)
+    assert probe.batches == [2, 2] and store.paths == [str(f) for f in files]
+    torch.testing.assert_close(store.to_tensor(), means([fmnist[0][5], *fmnist[0][1:4]]))
 
 
 def test_file_fingerprint_follows_size_and_time(tmp_path, fmnist):
