@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
+import logging
 import math
 import re
 import statistics
@@ -235,11 +237,13 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 def test_semisup_cli_fine_tunes_on_a_pinned_label_subset(tmp_path, capsys, tiny_weights):
     out = tmp_path / "semi" / "s.json"
+    # the splits swapped (train on the test split): the names must reach finetune
     argv = ["semisup", "--weights", str(tiny_weights), "--fraction", "0.1",
+            "--train-split", "test", "--test-split", "train",
             "--train-subset", "3000", "--test-subset", "50", "--epochs", "1", "--out", str(out)]  # fmt: skip
     assert evaluate.main(argv) == 0
     result = json.loads(out.read_text())
-    index_file = tmp_path / "semi" / "subsets" / "fashion_mnist_train_0.1_seed0.txt"
+    index_file = tmp_path / "semi" / "subsets" / "fashion_mnist_test_0.1_seed0.txt"
     indices = [int(v) for v in index_file.read_text().split()]
     s = result["settings"]
     assert {k: s[k] for k in ("protocol", "fraction", "lr_backbone", "lr_head", "weight_decay",
@@ -251,9 +255,9 @@ def test_semisup_cli_fine_tunes_on_a_pinned_label_subset(tmp_path, capsys, tiny_
         "labelled_images": len(indices),
     }  # fmt: skip
     # the index file: 10 % of each class of the 3,000-image subset, in the split's numbering
-    positions = subset_indices(60000, 3000, 0)
+    positions = subset_indices(10000, 3000, 0)
     assert set(indices) <= set(positions)
-    targets = np.asarray(FashionMNIST("train").labels, dtype=int)
+    targets = np.asarray(FashionMNIST("test").labels, dtype=int)
     per_class = np.bincount(targets[indices], minlength=10)
     expected = np.maximum(1, np.round(0.1 * np.bincount(targets[positions], minlength=10)))
     assert per_class.tolist() == expected.astype(int).tolist()
@@ -262,7 +266,7 @@ def test_semisup_cli_fine_tunes_on_a_pinned_label_subset(tmp_path, capsys, tiny_
     assert result["metrics"] == {k: ft["metrics"][k] for k in ("top1", "top5")}
     expected_cfg = {
         "model": str(tmp_path / "semi" / "s_base"), "data": "fashion_mnist", "data_path": None,
-        "train_split": "train", "test_split": "test", "image_key": "image", "label_key": "label",
+        "train_split": "test", "test_split": "train", "image_key": "image", "label_key": "label",
         "train_subset": 3000, "test_subset": 50, "label_fraction": 0.1, "val_fraction": 0.0,
         "epochs": 1, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "backbone_lr": 0.01,
         "weight_decay": 0.0, "momentum": 0.9, "warmup_steps": 0, "label_smoothing": 0.0,
@@ -377,7 +381,7 @@ def test_low_shot_progress_bar_only(digits, capsys):
     x_tr, y_tr, x_te, y_te = digits
     low_shot(x_tr, y_tr, x_te, y_te, (1,), (0, 1), epochs=2)
     err = capsys.readouterr().err
-    assert "low-shot" in err and re.search(r"fit/s|s/fit", err)
+    assert re.search(r"(^|\r)low-shot: ", err) and re.search(r"fit/s|s/fit", err)
     assert "linear" not in err  # no bar per fit
 
 
@@ -483,6 +487,7 @@ def test_cli_protocols_on_digits_record_their_settings(tmp_path, tiny_weights):
     )  # fmt: skip
     assert (s["train_images"], s["test_images"], len(lin["history"])) == (200, 100, 1)
     assert s["test_transform"] == "Resize(28) + CenterCrop(28), bilinear"
+    assert s["train_transform"] == "RandomResizedCrop(size) + flip, bilinear"
     assert set(lin["metrics"]) == {"top1", "top5", "best_top1", "best_top5"}
     assert sum(map(sum, lin["per_class"]["confusion"])) == 100
 
@@ -515,3 +520,57 @@ def test_load_model_random_init_and_messages(tiny_weights):
         "No model given: pass --checkpoint PATH, --weights FOLDER|NAME, --run-dir DIR or "
         "--random-init (with an architecture source)."
     )
+
+
+def test_knn_default_k_is_twenty_neighbours():
+    # 10 neighbours of class 0 slightly nearer than 10 of class 1, and a 21st of class 1:
+    # twenty neighbours vote class 0, twenty-one would vote class 1
+    angles = [math.acos(c) for c in [0.95] * 10 + [0.949] * 10 + [0.948]]
+    x_tr = torch.tensor([[math.cos(a), math.sin(a)] for a in angles], dtype=torch.float64)
+    y_tr = torch.tensor([0] * 10 + [1] * 11)
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    assert knn_classify(x_tr, y_tr, q, torch.tensor([0]))["top1"] == 100.0
+    assert knn_classify(x_tr, y_tr, q, torch.tensor([0]), k=21)["top1"] == 0.0
+
+
+def test_cli_argument_types_and_choices(tmp_path, capsys, tiny_weights):
+    parser = evaluate.build_parser()
+    args = parser.parse_args(["transfer", "--seed", "3", "--num-workers", "2",
+                              "--weight-decay", "0.1", "0.2"])  # fmt: skip
+    assert (args.seed, args.num_workers, args.weight_decay) == (3, 2, [0.1, 0.2])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["transfer", "--classifier", "svm"])
+    capsys.readouterr()
+    assert evaluate.main(["semisup", "--weights", str(tiny_weights)]) == 2
+    assert capsys.readouterr().err == (
+        "Error: semisup needs --out FILE.json or --run-dir (where it writes its runs).\n"
+    )
+
+
+def test_feature_cache_key_and_model_fingerprint(tmp_path, caplog, tiny_weights):
+    model = load_weights_folder(tiny_weights)
+    h = hashlib.sha256(json.dumps(model.config, sort_keys=True).encode())
+    for k, v in model.backbone_state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    assert evaluate.model_fingerprint(model) == h.hexdigest()[:16]
+    # the data path is part of the cache key (two folders never share features)
+    for path in ("a", "b", "b"):
+        evaluate.cached_features(model, "digits", path, "test", subset=8, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("digits_test_*.pt"))) == 2
+    with caplog.at_level(logging.INFO, logger="training.evaluate"):
+        evaluate.cached_features(model, "digits", "a", "test", subset=8, cache_dir=tmp_path)
+    assert "Features of digits/test from cache " in caplog.text
+
+
+def test_reference_linear_cli_seed_reaches_the_head(tmp_path, tiny_weights):
+    confusion = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"lin{seed}.json"
+        argv = ["linear", "--protocol", "barlow_twins", "--weights", str(tiny_weights), "--data",
+                "digits", "--epochs", "1", "--seed", seed, "--out", str(out)]  # fmt: skip
+        assert evaluate.main(argv) == 0
+        result = json.loads(out.read_text())
+        assert result["settings"]["train_images"] == 901  # no subset: the seed is the head's
+        confusion.append(result["per_class"]["confusion"])
+    assert confusion[0] != confusion[1]
