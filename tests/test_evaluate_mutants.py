@@ -574,3 +574,12 @@ def test_reference_linear_cli_seed_reaches_the_head(tmp_path, tiny_weights):
         assert result["settings"]["train_images"] == 901  # no subset: the seed is the head's
         confusion.append(result["per_class"]["confusion"])
     assert confusion[0] != confusion[1]
+
+
+def test_semisup_refuses_the_evaluation_only_digits_source(tmp_path, capsys, tiny_weights):
+    argv = ["semisup", "--weights", str(tiny_weights), "--data", "digits", "--fraction", "0.1",
+            "--out", str(tmp_path / "s.json")]  # fmt: skip
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "digits is an evaluation-only source" in err and "transfer" in err
+    assert not (tmp_path / "s_base").exists()  # refused before anything was written

@@ -1030,6 +1030,11 @@ def _run_semisup(
         raise EvalError("semisup --protocol takes barlow_twins or vicreg (whose settings).")
     if not out:
         raise EvalError("semisup needs --out FILE.json or --run-dir (where it writes its runs).")
+    if args.dataset == "digits":  # training.finetune reads training.data's sources only
+        raise EvalError(
+            "semisup fine-tunes through training.finetune, which reads fashion_mnist, "
+            "imagefolder and hf data; digits is an evaluation-only source (use transfer)."
+        )
     key = (recipe, float(args.fraction))
     if key not in REFERENCE_SEMISUP and not (args.lr and len(args.lr) == 2):
         known = ", ".join(f"{r} {f:g}" for r, f in REFERENCE_SEMISUP)
