@@ -307,9 +307,10 @@ def test_hf_dataset_with_a_typed_image_column_of_any_name(fmnist, probe):
         {"photo": images, "label": labels},
         features=datasets.Features({"photo": datasets.Image(), "label": datasets.Value("int64")}),
     )
-    out = extract(probe, ds, batch_size=4)
-    torch.testing.assert_close(out.features, means(images))
-    assert out.labels.tolist() == labels and out.failed == []
+    for variant in (ds, ds.with_format("pandas"), ds.to_iterable_dataset()):
+        out = extract(probe, variant, batch_size=4)
+        torch.testing.assert_close(out.features, means(images))
+        assert out.labels.tolist() == labels and out.failed == []
     with pytest.raises(ValueError, match="No image column"):
         extract(probe, datasets.Dataset.from_dict({"a": [1, 2]}))
 
