@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 
 import smi_hub
@@ -583,3 +584,94 @@ def test_semisup_refuses_the_evaluation_only_digits_source(tmp_path, capsys, tin
     err = capsys.readouterr().err
     assert "digits is an evaluation-only source" in err and "transfer" in err
     assert not (tmp_path / "s_base").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory, fmnist_test) -> Path:
+    """ImageFolder train/test splits of real Fashion-MNIST images: 3 classes x 8 images."""
+    images, labels = fmnist_test
+    root = tmp_path_factory.mktemp("folder")
+    for c in range(3):
+        picked = np.flatnonzero(labels == c)[:16]
+        for n, i in enumerate(picked):
+            d = root / ("train" if n < 8 else "test") / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], mode="L").save(d / f"{i}.png")
+    return root
+
+
+def test_fast_linear_and_reference_linear_cli_on_an_image_folder(
+    tmp_path, small_folder, tiny_weights
+):
+    common = ["--weights", str(tiny_weights), "--dataset", "imagefolder", "--data-path",
+              str(small_folder), "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    out = tmp_path / "fast.json"
+    assert evaluate.main(["linear", *common, "--out", str(out)]) == 0
+    s = json.loads(out.read_text())["settings"]
+    assert (s["protocol"], s["epochs"], s["lr"], s["weight_decay"]) == ("fast", 100, 0.1, 0.0)
+    out = tmp_path / "ref.json"
+    assert evaluate.main(["linear", "--protocol", "barlow_twins", *common, "--epochs", "1",
+                          "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert (result["settings"]["train_images"], result["settings"]["test_images"]) == (24, 24)
+    assert result["per_class"]["classes"] == ["class0", "class1", "class2"]
+    # flat images (no class folders) have no labels: evaluation says how to fix it
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(flat / "x.png")
+    with pytest.raises(EvalError) as e:
+        evaluate.labelled_source("imagefolder", str(tmp_path / "flat"), "train")
+    assert str(e.value) == (
+        "imagefolder train has unlabelled images; evaluation needs class subfolders "
+        "(ImageFolder) or a label column."
+    )
+
+
+def test_class_names_come_from_the_source():
+    args = evaluate.build_parser().parse_args(["knn"])
+    assert evaluate._class_names(args) == list(FashionMNIST("test").classes)
+    assert evaluate._class_names(args)[0] == "T-shirt/top"
+
+
+def _train_linear_reference(x, y, classes, epochs, lr, wd, batch_size, seed) -> torch.Tensor:
+    """train_linear's classifier in float64: N(0, 0.01) init, per-epoch shuffles, minibatch
+    SGD with momentum 0.9 and weight decay, cosine annealing per step (weights returned)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.empty(classes, x.shape[1]).normal_(0, 0.01, generator=g).double()
+    b = torch.zeros(classes, dtype=torch.float64)
+    x, buf, step = x.double(), None, 0
+    steps = math.ceil(len(x) / batch_size)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for s in range(steps):
+            idx = order[s * batch_size : (s + 1) * batch_size]
+            w, b = w.requires_grad_(), b.requires_grad_()
+            loss = torch.nn.functional.cross_entropy(x[idx] @ w.T + b, y[idx])
+            gw, gb = torch.autograd.grad(loss, (w, b))
+            grad = (gw + wd * w.detach(), gb + wd * b.detach())
+            buf = (
+                grad
+                if buf is None
+                else tuple(0.9 * m + g_ for m, g_ in zip(buf, grad, strict=True))
+            )
+            rate = lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps)))
+            w, b = w.detach() - rate * buf[0], b.detach() - rate * buf[1]
+            step += 1
+    return w
+
+
+def test_train_linear_matches_minibatch_sgd_in_float64(digits):
+    x_tr, y_tr, _, _ = digits
+    x = evaluate._standardize(x_tr[:100])[0]
+    y = y_tr[:100]
+    clf = evaluate.train_linear(
+        x, y, 10, epochs=3, lr=0.5, weight_decay=0.01, batch_size=32, seed=2
+    )
+    ref = _train_linear_reference(x, y, 10, 3, 0.5, 0.01, 32, 2)
+    torch.testing.assert_close(clf.weight.data.double(), ref, rtol=1e-4, atol=1e-5)
+    # the defaults: 100 epochs at lr 0.1, no weight decay, batches of 1024, seed 0
+    default = evaluate.train_linear(x[:40], y[:40], 10)
+    torch.testing.assert_close(
+        default.weight.data.double(), _train_linear_reference(x[:40], y[:40], 10, 100, 0.1, 0.0, 1024, 0),
+        rtol=1e-4, atol=1e-5,
+    )  # fmt: skip
