@@ -199,6 +199,7 @@ class EmbeddingIndex:
         self.nprobe = nprobe
         self.ef_search = ef_search
         self._faiss: Any = None
+        self._mapped = False  # a memory-mapped faiss index (read-only)
         if self.backend == "faiss":
             _import_faiss()
 
@@ -280,6 +281,10 @@ class EmbeddingIndex:
         else:
             if self._faiss is None:
                 self.train(x)
+            elif self._mapped:  # faiss cannot grow a memory-mapped index: copy it into memory
+                faiss = _import_faiss()
+                self._faiss = faiss.deserialize_index(faiss.serialize_index(self._faiss))
+                self._mapped = False
             self._faiss.add(x.numpy())
         self.labels.extend(labels)
         return self
@@ -508,7 +513,8 @@ class EmbeddingIndex:
         cls, folder: str | os.PathLike, backend: str = "torch", mmap: bool = True
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`; the vectors file must match the sha256 in
-        ``index.json``. Approximate indexes are memory-mapped unless ``mmap=False``."""
+        ``index.json``. Approximate indexes are memory-mapped unless ``mmap=False`` (and read
+        into memory by a later :meth:`add`)."""
         folder = Path(folder)
         with contextlib.suppress(OSError):  # a swap killed between its renames
             recover_folder(folder)
@@ -557,6 +563,7 @@ class EmbeddingIndex:
                 faiss = _import_faiss()
                 flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
                 index._faiss = faiss.read_index(str(path), flag)
+                index._mapped = bool(mmap)
                 index.embeddings = None
                 ok = index._faiss.ntotal == info["count"] and index._faiss.d == info["dim"]
         except SMIHubError:

@@ -457,6 +457,19 @@ def test_index_json_records_everything(db, tmp_path):
     assert loaded.embeddings.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
+def test_vectors_added_to_a_memory_mapped_index(db, tmp_path, kind):
+    # faiss aborts the process when asked to grow a memory-mapped index
+    index = EmbeddingIndex.build(db[:2500], kind=kind, queries=0, nprobe=4, ef_search=32)
+    back = EmbeddingIndex.load(index.save(tmp_path / "i"))
+    assert back._mapped
+    back.add(db[2500:], labels=list(range(2500, 3000)))
+    index.add(db[2500:])
+    assert len(back) == back._faiss.ntotal == 3000 and back.labels == index.labels
+    assert torch.equal(back.search(db[2900:], 5).indices, index.search(db[2900:], 5).indices)
+    assert not EmbeddingIndex.load(tmp_path / "i", mmap=False)._mapped
+
+
 def test_empty_indexes_round_trip(tmp_path):
     for dim in (None, 4):
         EmbeddingIndex(dim=dim).save(tmp_path / f"e{dim}")
