@@ -275,6 +275,7 @@ def test_semisup_cli_fine_tunes_on_a_pinned_label_subset(tmp_path, capsys, tiny_
         "seed": 0,
     }  # fmt: skip
     assert {k: ft["settings"][k] for k in expected_cfg} == expected_cfg
+    assert result["history"] == ft["history"] and len(result["history"]) == 1
     used = json.loads((tmp_path / "semi" / "s_finetuned" / "labels.json").read_text())
     assert used["train_indices"] == indices
     # what was fine-tuned: the backbone as given, saved without its projector
@@ -359,6 +360,17 @@ def test_linear_probe_sweep_records_each_setting(digits):
         (0.1, 0.0), (0.1, 1e-3), (0.01, 0.0), (0.01, 1e-3)
     ]  # fmt: skip
     assert all(set(s) == {"lr", "weight_decay", "val_top1"} for s in res["sweep"])
+    assert set(res["metrics"]) == {"top1", "top5", "train_top1"} and set(res["best"]) == {
+        "lr", "weight_decay"
+    }  # fmt: skip
+    # each setting trained on 90 % of the standardized training features, scored on the rest
+    x, _ = evaluate._standardize(x_tr, x_te)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    val, fit = order[:90], order[90:]
+    for s in res["sweep"]:
+        clf = evaluate.train_linear(x[fit], y_tr[fit], 10, 2, s["lr"], s["weight_decay"], seed=0)
+        hits = int((clf(x[val]).argmax(dim=1) == y_tr[val]).sum())
+        assert s["val_top1"] == pytest.approx(100 * hits / 90)
     pred = res["predictions"]  # the test set's ranked top-5 classes
     assert pred.shape == (len(x_te), 5)
     hits = sum(int(t) in p for p, t in zip(pred.tolist(), y_te.tolist(), strict=True))
@@ -376,6 +388,7 @@ def test_reference_linear_without_epochs_and_its_progress_bar(capsys):
     evaluate.reference_linear(model, data, data, 2, lr=0.1, epochs=1, batch_size=4)
     err = capsys.readouterr().err
     assert "linear (reference)" in err and re.search(r"epoch/s|s/epoch", err)
+    assert re.search(r"batch/s|s/batch", err)  # the inner bar over batches
 
 
 def test_low_shot_progress_bar_only(digits, capsys):
@@ -479,7 +492,13 @@ def test_cli_protocols_on_digits_record_their_settings(tmp_path, tiny_weights):
     expected = low_shot(x_tr, y_tr, x_te, y_te, (2, None), (0,), "linear", 3, 0.5, 5e-4)
     assert tr["metrics"] == expected["metrics"] and tr["runs"] == expected["runs"]
     assert tr["knn"] == knn_classify(x_tr, y_tr, x_te, y_te, 20, 0.07)
-    assert (tr["settings"]["shots"], tr["settings"]["lr"]) == (["2", "all"], 0.5)
+    t = tr["settings"]
+    assert (t["shots"], t["lr"], t["weight_decay"], t["temperature"]) == (
+        ["2", "all"],
+        0.5,
+        5e-4,
+        0.07,
+    )
     # the references' linear evaluation, not the fast probe
     lin = cli("linear", "--protocol", "vicreg", "--epochs", "1")
     s = lin["settings"]
@@ -675,3 +694,44 @@ def test_train_linear_matches_minibatch_sgd_in_float64(digits):
         default.weight.data.double(), _train_linear_reference(x[:40], y[:40], 10, 100, 0.1, 0.0, 1024, 0),
         rtol=1e-4, atol=1e-5,
     )  # fmt: skip
+
+
+def test_semisup_protocol_fast_is_refused(tmp_path, capsys, tiny_weights):
+    argv = ["semisup", "--protocol", "fast", "--weights", str(tiny_weights), "--out",
+            str(tmp_path / "s.json")]  # fmt: skip
+    assert evaluate.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "Error: semisup --protocol takes barlow_twins or vicreg (whose settings).\n"
+    )
+
+
+def test_cached_features_subset_seed_and_safe_loading(tmp_path, tiny_weights, monkeypatch):
+    model = load_weights_folder(tiny_weights)
+    x, y = evaluate.cached_features(model, "digits", None, "test", 20, tmp_path, seed=3)
+    targets = evaluate.DigitsDataset("test").targets
+    assert y.tolist() == [targets[i] for i in subset_indices(len(targets), 20, 3)]
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    x2, _ = evaluate.cached_features(model, "digits", None, "test", 20, tmp_path, seed=3)
+    assert calls == [{"weights_only": True}] and torch.equal(x, x2)  # from the cache, safely
+
+
+def test_markdown_table_layout():
+    result = {"protocol": "knn", "dataset": "digits", "checkpoint": "w", "metrics": {"top1": 50.0},
+              "settings": {"k": 5}, "per_class": {"classes": ["a", "b"], "top1": [40.0, 60.0]}}  # fmt: skip
+    assert evaluate.markdown_table(result).splitlines() == [
+        "## knn on digits", "", "Model: `w`", "", "| metric | value |", "|---|---|",
+        "| top1 | 50.00 |", "", "| class | top-1 |", "|---|---|", "| a | 40.0 |", "| b | 60.0 |",
+        "", "Settings: k=5",
+    ]  # fmt: skip
+
+
+def test_digits_split_is_the_documented_seeded_half():
+    target = load_digits().target
+    rng = np.random.default_rng(0)
+    train = []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(target == c))
+        train += idx[: (len(idx) + 1) // 2].tolist()
+    assert evaluate.DigitsDataset("train").indices == sorted(train)
