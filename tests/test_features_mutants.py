@@ -307,7 +307,8 @@ def test_hf_dataset_with_a_typed_image_column_of_any_name(fmnist, probe):
         {"photo": images, "label": labels},
         features=datasets.Features({"photo": datasets.Image(), "label": datasets.Value("int64")}),
     )
-    for variant in (ds, ds.with_format("pandas"), ds.to_iterable_dataset()):
+    stream = ds.to_iterable_dataset()
+    for variant in (ds, ds.with_format("pandas"), stream, stream.with_format("pandas")):
         out = extract(probe, variant, batch_size=4)
         torch.testing.assert_close(out.features, means(images))
         assert out.labels.tolist() == labels and out.failed == []
