@@ -341,6 +341,27 @@ def test_a_changed_file_restarts_a_store_of_listed_paths(fmnist, probe, tmp_path
     torch.testing.assert_close(store.to_tensor(), means([fmnist[0][5], *fmnist[0][1:4]]))
 
 
+def test_a_dataset_of_another_length_restarts_a_store(fmnist, probe, tmp_path):
+    images = fmnist[0]
+    out = tmp_path / "s"
+    original = probe.embed
+
+    def dies_on_the_second_batch(x):
+        if probe.batches:
+            raise InterruptedError
+        return original(x)
+
+    probe.embed = dies_on_the_second_batch
+    with pytest.raises(InterruptedError):
+        extract(probe, Listed(images[:8]), batch_size=2, out=out, shard_size=2)
+    probe.embed = original
+    probe.batches.clear()
+    with pytest.warns(RuntimeWarning, match="starting over"):
+        store = extract(probe, Listed(images[1:8]), batch_size=2, out=out, shard_size=2)
+    assert sum(probe.batches) == 7
+    torch.testing.assert_close(store.to_tensor(), means(images[1:8]))
+
+
 def test_file_fingerprint_follows_size_and_time(tmp_path, fmnist):
     a = tmp_path / "a.png"
     fmnist[0][0].save(a)
@@ -449,6 +470,8 @@ def test_progress_bar_counts_batches(fmnist, probe, tmp_path, capsys):
     extract(probe, images, batch_size=3, progress=True, out=tmp_path / "s", shard_size=5)
     err = capsys.readouterr().err
     assert "5/5" in err and re.search(r"\d(batch/s|s/batch)", err)
+    extract(probe, Listed(images), batch_size=4, progress=True)  # a dataset has a length
+    assert "3/3" in capsys.readouterr().err
     extract(probe, images, batch_size=4, progress=False)
     assert capsys.readouterr().err == ""
 

@@ -305,6 +305,9 @@ def test_build_report_and_knob_tuning_follow_the_documented_rule():
         given.metadata["build"]["queries"] == 50 and given.metadata["build"]["train_vectors"] == n
     )
     assert EmbeddingIndex.build(db, kind="ivf", queries=1).metadata["build"]["queries"] == 1
+    hnsw = EmbeddingIndex.build(db, kind="hnsw", ef_search=24, queries=20, metadata={"m": 1})
+    assert hnsw.ef_search == 24 and hnsw.metadata["build"]["efSearch"] == 24
+    assert hnsw.metadata["m"] == 1 and set(hnsw.metadata) == {"m", "build"}
     quiet = EmbeddingIndex.build(db, kind="ivf", queries=0, train_size=1000)
     assert quiet.nprobe is None and "recall_at_10" not in quiet.metadata["build"]
     assert quiet.metadata["build"]["train_vectors"] == 1000
@@ -324,6 +327,7 @@ def test_build_hnsw_and_sample_sizes(db):
     flat = EmbeddingIndex.build(db, kind="flat", chunk_size=7)
     torch.testing.assert_close(flat.embeddings, I._normalize(db))
     assert flat.metadata["build"]["train_vectors"] == 0 and "queries" not in flat.metadata["build"]
+    assert flat.metadata["build"]["train_s"] == 0.0
     seeded = [
         EmbeddingIndex.build(db, kind="ivf", train_size=500, queries=0, seed=s) for s in (0, 1)
     ]
@@ -561,6 +565,16 @@ def test_loader_messages(db, tmp_path):
     _edit(a, count=3000, dim=8)
     with pytest.raises(SMIHubError, match="index.json and index.faiss disagree"):
         EmbeddingIndex.load(a)
+
+
+def test_a_failed_recovery_does_not_stop_reading(db, tmp_path, monkeypatch):
+    folder = _flat(tmp_path, db)
+
+    def unlistable(path):
+        raise PermissionError(f"{path}: cannot list its parent")
+
+    monkeypatch.setattr(I, "recover_folder", unlistable)
+    assert EmbeddingIndex.load(folder).labels == list(range(6))
 
 
 def test_version_one_folders_load_without_checksums(db, tmp_path):
