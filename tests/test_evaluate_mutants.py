@@ -735,3 +735,13 @@ def test_digits_split_is_the_documented_seeded_half():
         idx = rng.permutation(np.flatnonzero(target == c))
         train += idx[: (len(idx) + 1) // 2].tolist()
     assert evaluate.DigitsDataset("train").indices == sorted(train)
+
+
+def test_semisup_on_an_image_folder_passes_its_path(tmp_path, small_folder, tiny_weights):
+    out = tmp_path / "s.json"
+    argv = ["semisup", "--weights", str(tiny_weights), "--dataset", "imagefolder", "--data-path",
+            str(small_folder), "--fraction", "0.1", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    assert evaluate.main(argv) == 0
+    ft = json.loads((tmp_path / "s_finetuned" / "metrics.json").read_text())
+    assert ft["settings"]["data_path"] == str(small_folder)
+    assert json.loads(out.read_text())["settings"]["labelled_images"] == 3  # one per class
