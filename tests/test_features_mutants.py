@@ -316,11 +316,15 @@ def test_hf_dataset_with_a_typed_image_column_of_any_name(fmnist, probe):
         extract(probe, datasets.Dataset.from_dict({"a": [1, 2]}))
 
 
-def test_a_changed_file_restarts_a_store_of_listed_paths(fmnist, probe, tmp_path):
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_a_changed_file_restarts_a_store(fmnist, probe, tmp_path, as_folder):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
     files = []
     for i, im in enumerate(fmnist[0][:4]):
-        files.append(tmp_path / f"{i}.png")
+        files.append(folder / f"{i}.png")
         im.save(files[-1])
+    inputs = folder if as_folder else files
     out = tmp_path / "s"
     original = probe.embed
 
@@ -331,12 +335,12 @@ def test_a_changed_file_restarts_a_store_of_listed_paths(fmnist, probe, tmp_path
 
     probe.embed = dies_on_the_second_batch
     with pytest.raises(InterruptedError):
-        extract(probe, files, batch_size=2, out=out, shard_size=2)
+        extract(probe, inputs, batch_size=2, out=out, shard_size=2)
     probe.embed = original
     fmnist[0][5].save(files[0])  # another image under the same name: not resumed
     probe.batches.clear()
     with pytest.warns(RuntimeWarning, match="starting over"):
-        store = extract(probe, files, batch_size=2, out=out, shard_size=2)
+        store = extract(probe, inputs, batch_size=2, out=out, shard_size=2)
     assert probe.batches == [2, 2] and store.paths == [str(f) for f in files]
     torch.testing.assert_close(store.to_tensor(), means([fmnist[0][5], *fmnist[0][1:4]]))
 
