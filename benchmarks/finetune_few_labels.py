@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.evaluate import cached_features, linear_probe
+from training.eval_data import cached_features
 from training.finetune import FinetuneConfig, finetune
+from training.probes import linear_probe
 
 
 def run_finetune(out: Path, fraction: float, seed: int, random_init: bool, args) -> dict:

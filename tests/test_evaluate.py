@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from smi_hub import SMIModel
-from training import evaluate
-from training.evaluate import knn_classify, linear_probe, low_shot, sample_shots
+from training import eval_data, evaluate
+from training.probes import knn_classify, linear_probe, low_shot, sample_shots
 
 ROOT = Path(__file__).parents[1]
 CONFIG = ROOT / "training" / "configs" / "fmnist_resnet18_smi.yaml"
@@ -233,7 +233,7 @@ def test_cli_errors_are_clear(tmp_path, capsys, image_folder):
 def test_fashion_mnist_subset_features(fmnist_test):
     model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[16],
                      image_size=28, mean=[0.286] * 3, std=[0.353] * 3)  # fmt: skip
-    x, y = evaluate.cached_features(model, "fashion_mnist", None, "test", subset=64)
+    x, y = eval_data.cached_features(model, "fashion_mnist", None, "test", subset=64)
     assert x.shape == (64, 32) and y.shape == (64,)
     assert np.isin(y.numpy(), np.arange(10)).all()
 

@@ -21,9 +21,9 @@ from sklearn.datasets import load_digits
 import smi_hub
 from smi_hub import SMIModel, load_weights_folder, save_weights_folder
 from smi_hub.fashion_mnist import FashionMNIST
-from training import evaluate
+from training import eval_data, evaluate, probes, reference_linear
 from training.data import subset_indices
-from training.evaluate import (
+from training.probes import (
     EvalError,
     knn_classify,
     knn_predict,
@@ -152,16 +152,16 @@ def test_standardize_matches_float64(digits):
     test[:, 1] = 1e-7
     ref = train.double().numpy()
     mean, std = ref.mean(axis=0), np.maximum(ref.std(axis=0, ddof=1), 1e-6)
-    out = evaluate._standardize(train, test)
+    out = probes._standardize(train, test)
     assert len(out) == 2
     np.testing.assert_allclose(out[0].numpy(), (ref - mean) / std, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
         out[1].numpy(), (test.double().numpy() - mean) / std, rtol=1e-4, atol=1e-5
     )
     # two rows: their own spread; one row: centred only (no spread to divide by)
-    two = evaluate._standardize(train[:2])[0].double().numpy()
+    two = probes._standardize(train[:2])[0].double().numpy()
     np.testing.assert_allclose(np.abs(two[:, 2:]), np.sqrt(0.5) * (two[:, 2:] != 0), atol=1e-5)
-    one = evaluate._standardize(train[:1], test[:1])
+    one = probes._standardize(train[:1], test[:1])
     assert torch.equal(one[0], torch.zeros_like(train[:1]))
     assert torch.allclose(one[1], test[:1] - train[:1])
 
@@ -313,7 +313,7 @@ def test_defaults_are_the_documented_values():
         [0, 1, 2],
         "linear",
     )
-    assert defaults(evaluate.train_linear)["seed"] == 0
+    assert defaults(probes.train_linear)["seed"] == 0
 
 
 def test_knn_classify_ranks_classes_missing_from_training():
@@ -330,25 +330,25 @@ def test_per_class_report_edge_cases():
     # 1-D predictions, a class seen once, the last class never predicted, default names
     labels = torch.tensor([0, 0, 1, 2, 2])
     pred = torch.tensor([0, 1, 1, 0, 1])
-    report = evaluate.per_class_report(pred, labels, 3)
+    report = probes.per_class_report(pred, labels, 3)
     assert report == {
         "classes": ["0", "1", "2"],
         "top1": [50.0, 100.0, 0.0],
         "confusion": [[1, 1, 0], [0, 1, 0], [1, 1, 0]],
     }
-    assert evaluate.per_class_report(pred[:, None], labels, 3) == report
+    assert probes.per_class_report(pred[:, None], labels, 3) == report
 
 
 def test_train_linear_init_progress_and_default_seed(capsys):
     x = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
     y = torch.arange(40) % 3
-    clf = evaluate.train_linear(x, y, 3, epochs=0)  # the initial classifier
+    clf = probes.train_linear(x, y, 3, epochs=0)  # the initial classifier
     expected = torch.empty(3, 6).normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
     assert torch.equal(clf.weight.data, expected) and not clf.bias.any()
-    a, b = evaluate.train_linear(x, y, 3, epochs=2), evaluate.train_linear(x, y, 3, 2, seed=0)
+    a, b = probes.train_linear(x, y, 3, epochs=2), probes.train_linear(x, y, 3, 2, seed=0)
     assert torch.equal(a.weight, b.weight)
     assert capsys.readouterr().err == ""  # no progress bar without desc
-    evaluate.train_linear(x, y, 3, epochs=2, desc="probe X")
+    probes.train_linear(x, y, 3, epochs=2, desc="probe X")
     err = capsys.readouterr().err
     assert "probe X" in err and re.search(r"epoch/s|s/epoch", err)
 
@@ -364,11 +364,11 @@ def test_linear_probe_sweep_records_each_setting(digits):
         "lr", "weight_decay"
     }  # fmt: skip
     # each setting trained on 90 % of the standardized training features, scored on the rest
-    x, _ = evaluate._standardize(x_tr, x_te)
+    x, _ = probes._standardize(x_tr, x_te)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     val, fit = order[:90], order[90:]
     for s in res["sweep"]:
-        clf = evaluate.train_linear(x[fit], y_tr[fit], 10, 2, s["lr"], s["weight_decay"], seed=0)
+        clf = probes.train_linear(x[fit], y_tr[fit], 10, 2, s["lr"], s["weight_decay"], seed=0)
         hits = int((clf(x[val]).argmax(dim=1) == y_tr[val]).sum())
         assert s["val_top1"] == pytest.approx(100 * hits / 90)
     pred = res["predictions"]  # the test set's ranked top-5 classes
@@ -381,11 +381,11 @@ def test_reference_linear_without_epochs_and_its_progress_bar(capsys):
     model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[],
                      image_size=16)  # fmt: skip
     data = torch.utils.data.TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 2)
-    res = evaluate.reference_linear(model, data, data, 2, lr=0.1, epochs=0)
+    res = reference_linear.reference_linear(model, data, data, 2, lr=0.1, epochs=0)
     assert res["metrics"] == {"top1": 0.0, "top5": 0.0, "best_top1": 0.0, "best_top5": 0.0}
     assert res["history"] == [] and res["predictions"].numel() == res["labels"].numel() == 0
     capsys.readouterr()
-    evaluate.reference_linear(model, data, data, 2, lr=0.1, epochs=1, batch_size=4)
+    reference_linear.reference_linear(model, data, data, 2, lr=0.1, epochs=1, batch_size=4)
     err = capsys.readouterr().err
     assert "linear (reference)" in err and re.search(r"epoch/s|s/epoch", err)
     assert re.search(r"batch/s|s/batch", err)  # the inner bar over batches
@@ -400,8 +400,8 @@ def test_low_shot_progress_bar_only(digits, capsys):
 
 
 def test_digits_defaults_to_its_train_split():
-    digits = evaluate.DigitsDataset()
-    assert digits.indices == evaluate.DigitsDataset("train").indices
+    digits = eval_data.DigitsDataset()
+    assert digits.indices == eval_data.DigitsDataset("train").indices
     assert digits.classes == [str(c) for c in range(10)]
 
 
@@ -454,7 +454,7 @@ def test_reference_linear_head_is_sgd_with_momentum_and_weight_decay(fmnist_test
     with torch.no_grad():
         h = model.embed(x).double()
     data = torch.utils.data.TensorDataset(x, y)
-    res = evaluate.reference_linear(model, data, data, 4, 2.0, 0.05, 4, batch_size=48)
+    res = reference_linear.reference_linear(model, data, data, 4, 2.0, 0.05, 4, batch_size=48)
     assert [r["lr"] for r in res["history"]] == pytest.approx(
         [2.0 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
     )
@@ -525,21 +525,21 @@ def test_cli_parser_choices_defaults_and_groups():
 
 def test_load_model_random_init_and_messages(tiny_weights):
     trained = load_weights_folder(tiny_weights)
-    model, origin = evaluate.load_model(weights=str(tiny_weights), random_init=True, seed=1)
-    default, _ = evaluate.load_model(weights=str(tiny_weights), random_init=True)
-    seed0, _ = evaluate.load_model(weights=str(tiny_weights), random_init=True, seed=0)
+    model, origin = eval_data.load_model(weights=str(tiny_weights), random_init=True, seed=1)
+    default, _ = eval_data.load_model(weights=str(tiny_weights), random_init=True)
+    seed0, _ = eval_data.load_model(weights=str(tiny_weights), random_init=True, seed=0)
     assert all(torch.equal(v, seed0.state_dict()[k]) for k, v in default.state_dict().items())
     assert origin == "random-init" and model.config["base_width"] == 4
     assert not torch.equal(model.backbone_state_dict()["conv1.weight"],
                            trained.backbone_state_dict()["conv1.weight"])  # fmt: skip
     with pytest.raises(EvalError) as e:
-        evaluate.load_model(random_init=True)
+        eval_data.load_model(random_init=True)
     assert str(e.value) == (
         "--random-init needs an architecture: pass --config, --checkpoint, --weights or "
         "--run-dir to copy it from."
     )
     with pytest.raises(EvalError) as e:
-        evaluate.load_model()
+        eval_data.load_model()
     assert str(e.value) == (
         "No model given: pass --checkpoint PATH, --weights FOLDER|NAME, --run-dir DIR or "
         "--random-init (with an architecture source)."
@@ -580,13 +580,13 @@ def test_feature_cache_key_and_model_fingerprint(tmp_path, caplog, tiny_weights)
     for k, v in model.backbone_state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    assert evaluate.model_fingerprint(model) == h.hexdigest()[:16]
+    assert eval_data.model_fingerprint(model) == h.hexdigest()[:16]
     # the data path is part of the cache key (two folders never share features)
     for path in ("a", "b", "b"):
-        evaluate.cached_features(model, "digits", path, "test", subset=8, cache_dir=tmp_path)
+        eval_data.cached_features(model, "digits", path, "test", subset=8, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("digits_test_*.pt"))) == 2
-    with caplog.at_level(logging.INFO, logger="training.evaluate"):
-        evaluate.cached_features(model, "digits", "a", "test", subset=8, cache_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="training.eval_data"):
+        eval_data.cached_features(model, "digits", "a", "test", subset=8, cache_dir=tmp_path)
     assert any(m.startswith("Features of digits/test from cache ") for m in caplog.messages)
 
 
@@ -647,7 +647,7 @@ def test_fast_linear_and_reference_linear_cli_on_an_image_folder(
     flat.mkdir(parents=True)
     Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(flat / "x.png")
     with pytest.raises(EvalError) as e:
-        evaluate.labelled_source("imagefolder", str(tmp_path / "flat"), "train")
+        eval_data.labelled_source("imagefolder", str(tmp_path / "flat"), "train")
     assert str(e.value) == (
         "imagefolder train has unlabelled images; evaluation needs class subfolders "
         "(ImageFolder) or a label column."
@@ -689,15 +689,13 @@ def _train_linear_reference(x, y, classes, epochs, lr, wd, batch_size, seed) -> 
 
 def test_train_linear_matches_minibatch_sgd_in_float64(digits):
     x_tr, y_tr, _, _ = digits
-    x = evaluate._standardize(x_tr[:100])[0]
+    x = probes._standardize(x_tr[:100])[0]
     y = y_tr[:100]
-    clf = evaluate.train_linear(
-        x, y, 10, epochs=3, lr=0.5, weight_decay=0.01, batch_size=32, seed=2
-    )
+    clf = probes.train_linear(x, y, 10, epochs=3, lr=0.5, weight_decay=0.01, batch_size=32, seed=2)
     ref = _train_linear_reference(x, y, 10, 3, 0.5, 0.01, 32, 2)
     torch.testing.assert_close(clf.weight.data.double(), ref, rtol=1e-4, atol=1e-5)
     # the defaults: 100 epochs at lr 0.1, no weight decay, batches of 1024, seed 0
-    default = evaluate.train_linear(x[:40], y[:40], 10)
+    default = probes.train_linear(x[:40], y[:40], 10)
     torch.testing.assert_close(
         default.weight.data.double(), _train_linear_reference(x[:40], y[:40], 10, 100, 0.1, 0.0, 1024, 0),
         rtol=1e-4, atol=1e-5,
@@ -715,13 +713,13 @@ def test_semisup_protocol_fast_is_refused(tmp_path, capsys, tiny_weights):
 
 def test_cached_features_subset_seed_and_safe_loading(tmp_path, tiny_weights, monkeypatch):
     model = load_weights_folder(tiny_weights)
-    x, y = evaluate.cached_features(model, "digits", None, "test", 20, tmp_path, seed=3)
-    targets = evaluate.DigitsDataset("test").targets
+    x, y = eval_data.cached_features(model, "digits", None, "test", 20, tmp_path, seed=3)
+    targets = eval_data.DigitsDataset("test").targets
     assert y.tolist() == [targets[i] for i in subset_indices(len(targets), 20, 3)]
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
-    x2, _ = evaluate.cached_features(model, "digits", None, "test", 20, tmp_path, seed=3)
+    x2, _ = eval_data.cached_features(model, "digits", None, "test", 20, tmp_path, seed=3)
     assert calls == [{"weights_only": True}] and torch.equal(x, x2)  # from the cache, safely
 
 
@@ -742,7 +740,7 @@ def test_digits_split_is_the_documented_seeded_half():
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(target == c))
         train += idx[: (len(idx) + 1) // 2].tolist()
-    assert evaluate.DigitsDataset("train").indices == sorted(train)
+    assert eval_data.DigitsDataset("train").indices == sorted(train)
 
 
 def test_semisup_on_an_image_folder_passes_its_path(tmp_path, small_folder, tiny_weights):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from smi_hub.models import SMIModel
-from training import evaluate
+from training import eval_data, evaluate, probes, reference_linear
 
 DEFAULT = "smi_resnet18_fmnist"
 
@@ -63,7 +63,7 @@ def test_reference_linear_keeps_the_backbone_frozen_in_eval_mode():
     y = torch.arange(40) % 4
     x[y == 1] += 1.5  # some signal so the head moves
     data = torch.utils.data.TensorDataset(x, y)
-    res = evaluate.reference_linear(model, data, data, 4, lr=0.3, epochs=3, batch_size=16)
+    res = reference_linear.reference_linear(model, data, data, 4, lr=0.3, epochs=3, batch_size=16)
     after = model.state_dict()
     # weights and BatchNorm running statistics untouched (eval mode while training the head)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -75,13 +75,13 @@ def test_default_resize_comes_from_the_model_preprocessing(tmp_path):
     small = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[],
                      image_size=28)  # fmt: skip
     big = SMIModel(arch="resnet18", base_width=4, projector_dims=[], image_size=224)
-    assert evaluate.default_resize_ratio(small) == 1.0
-    assert round(224 * evaluate.default_resize_ratio(big)) == 256  # Resize(256) -> Crop(224)
+    assert eval_data.default_resize_ratio(small) == 1.0
+    assert round(224 * eval_data.default_resize_ratio(big)) == 256  # Resize(256) -> Crop(224)
     from types import SimpleNamespace
 
     loaded = SimpleNamespace(config=big.config, image_size=224, pretrained_cfg={"crop_pct": 0.8})
-    assert round(224 * evaluate.default_resize_ratio(loaded)) == 280  # timm's crop_pct wins
-    train_tf, test_tf = evaluate.reference_transforms(224, [0.5] * 3, [0.5] * 3, 256 / 224)
+    assert round(224 * eval_data.default_resize_ratio(loaded)) == 280  # timm's crop_pct wins
+    train_tf, test_tf = reference_linear.reference_transforms(224, [0.5] * 3, [0.5] * 3, 256 / 224)
     from PIL import Image
 
     image = Image.new("RGB", (300, 400), (128, 64, 32))
@@ -91,7 +91,7 @@ def test_default_resize_comes_from_the_model_preprocessing(tmp_path):
 
 
 def test_digits_source_is_a_fixed_stratified_split():
-    train, test = evaluate.DigitsDataset("train"), evaluate.DigitsDataset("test")
+    train, test = eval_data.DigitsDataset("train"), eval_data.DigitsDataset("test")
     assert (len(train), len(test)) == (901, 896)
     assert not set(train.indices) & set(test.indices)
     from sklearn.datasets import load_digits
@@ -101,12 +101,12 @@ def test_digits_source_is_a_fixed_stratified_split():
     assert counts.tolist() == ((per_class + 1) // 2).tolist()  # half of each class
     image, label = train[0]
     assert image.mode == "RGB" and image.size == (8, 8) and 0 <= label < 10
-    assert evaluate.DigitsDataset("train").indices == train.indices  # deterministic
+    assert eval_data.DigitsDataset("train").indices == train.indices  # deterministic
     raw = load_digits().images[train.indices[0]]
     pixels = torch.tensor(np.asarray(image)[..., 0], dtype=torch.float64)
     assert torch.allclose(pixels, torch.tensor(raw * 255 / 16).round(), atol=0.5)
     with pytest.raises(Exception, match="splits train and test"):
-        evaluate.DigitsDataset("val")
+        eval_data.DigitsDataset("val")
 
 
 @pytest.mark.slow
@@ -130,7 +130,7 @@ def test_per_class_report_matches_a_naive_count():
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (200,), generator=g)
     pred = torch.where(torch.rand(200, generator=g) < 0.7, labels, torch.randint(0, 4, (200,)))
-    report = evaluate.per_class_report(pred[:, None], labels, 4, ["a", "b", "c", "d"])
+    report = probes.per_class_report(pred[:, None], labels, 4, ["a", "b", "c", "d"])
     for i in range(4):
         for j in range(4):
             naive = sum(
@@ -193,10 +193,10 @@ def test_fix_subset_records_and_checks(tmp_path):
     assert evaluate.fix_subset(path, [5, 1, 3]) == [1, 3, 5]
     assert path.read_text() == "1\n3\n5\n"
     assert evaluate.fix_subset(path, [3, 5, 1]) == [1, 3, 5]
-    with pytest.raises(evaluate.EvalError, match="different label subset"):
+    with pytest.raises(probes.EvalError, match="different label subset"):
         evaluate.fix_subset(path, [1, 3])
     path.write_text("x\n")
-    with pytest.raises(evaluate.EvalError, match="one integer index per line"):
+    with pytest.raises(probes.EvalError, match="one integer index per line"):
         evaluate.fix_subset(path, [1])
 
 

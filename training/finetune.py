@@ -64,6 +64,7 @@ from training.data import (
     subset_indices,
     view_transform,
 )
+from training.eval_data import default_resize_ratio
 from training.optim import WarmupCosine
 
 log = logging.getLogger("training.finetune")
@@ -367,8 +368,6 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
         size, mean, std, crop_scale=cfg.crop_scale, hflip_prob=cfg.hflip_prob,
         color_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0,
     )  # fmt: skip
-    from training.evaluate import default_resize_ratio  # evaluate imports this module lazily
-
     evaluation = eval_transform(size, mean, std, default_resize_ratio(model))
     train_ds = _MappedDataset(IndexedSubset(base, train_idx), augment, seed=cfg.seed)
     val_ds = _MappedDataset(IndexedSubset(base, val_idx), evaluation) if val_idx else None
@@ -566,8 +565,6 @@ def _finish(
         idx = subset_indices(len(test), cfg.test_subset, cfg.seed)
         if idx is not None:
             test = IndexedSubset(test, idx)
-        from training.evaluate import default_resize_ratio
-
         ev = eval_transform(model.image_size, model.mean, model.std, default_resize_ratio(model))
         res = evaluate_classifier(
             model, _MappedDataset(test, ev), device, cfg.eval_batch_size, cfg.precision

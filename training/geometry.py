@@ -37,14 +37,9 @@ from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from training.checkpoint import CheckpointError
 from training.data import DataError, two_view_transform
-from training.evaluate import (
-    EvalError,
-    Transformed,
-    default_resize_ratio,
-    labelled_source,
-    load_model,
-)
+from training.eval_data import Transformed, default_resize_ratio, labelled_source, load_model
 from training.monitors import alignment, effective_rank, uniformity
+from training.probes import EvalError
 
 SPACES = ("backbone", "projector")
 DEFAULT_CONFIG = "training/configs/fmnist_resnet18_smi.yaml"
