@@ -525,8 +525,9 @@ def test_saved_config_and_file_contents(tmp_path, with_projector):
         "results": {},
         "pretrained_cfg": pretrained,
     }
-    assert json.loads((out / "config.json").read_text()) == _json(expected)
-    assert (out / "config.json").read_text().endswith("}\n")
+    text = (out / "config.json").read_text()
+    assert json.loads(text) == _json(expected)
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"  # indented, as HF configs are
     assert "\n# mine\n" in (out / "README.md").read_text()  # the folder's name by default
 
 
