@@ -332,8 +332,49 @@ def test_build_hnsw_and_sample_sizes(db):
     seeded = [
         EmbeddingIndex.build(db, kind="ivf", train_size=500, queries=0, seed=s) for s in (0, 1)
     ]
+    seeded.append(EmbeddingIndex.build(db, kind="ivf", train_size=500, queries=0))
     centroids = [faiss.extract_index_ivf(i._faiss).quantizer.reconstruct_n(0, 4) for i in seeded]
-    assert not np.array_equal(*centroids)  # the seed picks the training sample
+    assert not np.array_equal(*centroids[:2])  # the seed picks the training sample
+    assert np.array_equal(centroids[0], centroids[2])  # default seed: 0
+    default = EmbeddingIndex.build(db, kind="ivf")  # default target: recall@10 0.95
+    assert default.nprobe == EmbeddingIndex.build(db, kind="ivf", target_recall=0.95).nprobe
+    assert default.nprobe != EmbeddingIndex.build(db, kind="ivf", target_recall=1.0).nprobe
+
+
+def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
+    seen = {}
+    train, exact = EmbeddingIndex.train, I._exact_topk
+
+    def spy_train(self, sample):
+        seen["train"] = sample.clone()
+        return train(self, sample)
+
+    def spy_exact(queries, chunks, k):
+        seen["queries"] = queries.clone()
+        return exact(queries, chunks, k)
+
+    monkeypatch.setattr(EmbeddingIndex, "train", spy_train)
+    monkeypatch.setattr(I, "_exact_topk", spy_exact)
+    EmbeddingIndex.build(db, kind="ivf", train_size=2000, queries=1000)
+    assert seen["train"].shape == (2000, 16) and seen["queries"].shape == (1000, 16)
+    train_rows = {tuple(r) for r in seen["train"].tolist()}
+    query_rows = {tuple(r) for r in seen["queries"].tolist()}
+    assert len(query_rows) == 1000 and not train_rows & query_rows
+    assert train_rows | query_rows == {tuple(r) for r in I._normalize(db).tolist()}
+
+
+def test_training_sample_size_grows_with_the_cells():
+    g = torch.Generator().manual_seed(0)
+    mid = EmbeddingIndex.build(torch.randn(12_000, 4, generator=g), kind="ivf", queries=0)
+    assert mid.metadata["build"]["train_vectors"] == 12_000  # 64 x 256 cells > 12 000
+    big = torch.randn(70_000, 4, generator=g)
+    large = EmbeddingIndex.build(big, kind="ivf", queries=0)
+    assert I._nlist(70_000) == 1024 and large.metadata["build"]["train_vectors"] == 64 * 1024
+    flat = EmbeddingIndex().add(big)  # more than 65 536 vectors: queries in blocks of 958
+    q = big[:1000]
+    got = flat.search(q, k=3).indices
+    assert torch.equal(got[:, 0], torch.arange(1000))
+    assert torch.equal(got[990:], flat.search(q[990:], k=3).indices)
 
 
 def test_build_from_a_store_and_its_errors(db, tmp_path):
@@ -341,9 +382,12 @@ def test_build_from_a_store_and_its_errors(db, tmp_path):
     writer.prepare()
     for k in range(5):
         rows = [i for i in range(k * 700, min(3000, (k + 1) * 700)) if i % 97]  # gaps
-        writer.write_shard(k, db[rows], rows, [], [f"v{i}" for i in rows], [])
+        rows = [] if k == 2 else rows  # a shard whose inputs all failed
+        writer.write_shard(
+            k, db[rows].reshape(len(rows), 16), rows, [], [f"v{i}" for i in rows], []
+        )
     store = writer.finish(3000)
-    keep = [i for i in range(3000) if i % 97]
+    keep = [i for i in range(3000) if i % 97 and not 1400 <= i < 2100]
     a = EmbeddingIndex.build(store, kind="ivf", train_size=800, queries=100)
     b = EmbeddingIndex.build(db[keep], kind="ivf", train_size=800, queries=100)
     assert a.labels == [f"v{i}" for i in keep] and b.labels == list(range(len(keep)))
