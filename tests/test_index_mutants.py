@@ -208,7 +208,10 @@ def test_add_labels_and_checks(db):
     assert str(e.value) == "2 vectors but 1 labels."
     with pytest.raises(ValueError) as e:
         index.add(torch.zeros(2, 16, 2, 2))
-    assert str(e.value).startswith("embeddings must be N x D vectors, got shape (2, 16, 2, 2)")
+    assert str(e.value) == (
+        "embeddings must be N x D vectors, got shape (2, 16, 2, 2); pool spatial features "
+        "first (extract_features(..., layer='pooled'))."
+    )
     with pytest.raises(ValueError) as e:
         index.search(torch.zeros(2, 3, 4))
     assert str(e.value).startswith("queries must be N x D vectors")
@@ -222,6 +225,16 @@ def test_add_labels_and_checks(db):
     assert sized.embeddings.shape == (4, 16)
     vec = EmbeddingIndex().add(db[0])  # one vector as 1-d
     assert len(vec) == 1 and vec.dim == 16
+
+
+def test_short_vectors_are_normalized_too(db):
+    small = 1e-3 * db[:200]  # norms far below 1
+    index = EmbeddingIndex().add(small)
+    torch.testing.assert_close(index.embeddings, db[:200] / db[:200].norm(dim=1, keepdim=True))
+    scores, indices, _ = index.search(1e-3 * db[200:210], k=4)
+    ref_s, ref_i = brute(db[:200], db[200:210], 4)
+    assert np.array_equal(indices.numpy(), ref_i)
+    np.testing.assert_allclose(scores.numpy(), ref_s, atol=1e-5)
 
 
 def test_faiss_flat_sees_vectors_added_after_a_search(db):
@@ -297,6 +310,13 @@ def test_build_report_and_knob_tuning_follow_the_documented_rule():
     db = clustered(1200, 16, noise=1.2, seed=3)  # 16 cells, overlapping clusters
     n = len(db)
     assert len(_check_tuning(db, (0.5, 0.8, 0.9, 0.98, 2.0))) == 5
+    # a target met exactly stops there: build measures with the float32 exact top-k
+    x = I._normalize(db)
+    exact = I._exact_topk(x, iter([x]), 10)[1]
+    probe = EmbeddingIndex.build(db, kind="ivf", train_size=n, queries=0)
+    r4 = I.recall_at_k(probe.search(x, k=10, nprobe=4).indices, exact)
+    met = EmbeddingIndex.build(db, kind="ivf", train_size=n, queries=n, target_recall=r4)
+    assert met.nprobe == 4 and met.metadata["build"]["recall_at_10"] == round(r4, 4)
     # separated clusters: recall reaches 1.0 early, the tuning stops where it stops rising
     separated = clustered(1200, 16, noise=0.3, seed=4)
     assert max(_check_tuning(separated, (2.0,))) < I._nlist(1200)
