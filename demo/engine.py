@@ -384,7 +384,10 @@ class SearchEngine:
                 raise DemoError(f"Not an image array: {e}") from None
         if isinstance(image, Image.Image):
             try:
-                check_size(*image.size, image.mode, self.max_pixels, self.max_decode_bytes)
+                check_size(
+                    *image.size, image.mode, self.max_pixels, self.max_decode_bytes,
+                    transparency_key="transparency" in image.info,
+                )  # fmt: skip
             except ImageLoadError as e:
                 raise DemoError(str(e)) from None
             return to_rgb(image)

@@ -41,13 +41,15 @@ _HIGH_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _ALPHA = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
-def decode_cost(width: int, height: int, mode: str) -> int:
+def decode_cost(width: int, height: int, mode: str, transparency_key: bool = False) -> int:
     """Bytes of memory that decoding a ``width`` x ``height`` image of ``mode`` and converting
-    it to RGB needs (Pillow's storage of the decoded mode plus :func:`to_rgb`'s temporaries)."""
+    it to RGB needs (Pillow's storage of the decoded mode plus :func:`to_rgb`'s temporaries).
+    ``transparency_key``: the image has a PNG ``tRNS`` colour key (``"transparency"`` in its
+    ``info``), which sends ``L`` and ``RGB`` images through RGBA too."""
     stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
     if mode in _HIGH_BIT:
         work = 8 + 8 + 1 + 1 + 4  # float64 copy, scaled copy, uint8, L, RGB
-    elif mode in _ALPHA or mode == "P":
+    elif mode in _ALPHA or mode == "P" or (transparency_key and mode in ("L", "RGB")):
         work = 4 * 4  # RGBA, white background, composite, RGB
     else:
         work = 0 if mode == "RGB" else 4
@@ -111,7 +113,10 @@ def load_image(
         raise ImageLoadError(f"{path}: no such file.")
     try:
         with Image.open(path) as im:
-            check_size(im.width, im.height, im.mode, max_pixels, max_decode_bytes, str(path))
+            check_size(
+                im.width, im.height, im.mode, max_pixels, max_decode_bytes, str(path),
+                transparency_key="transparency" in im.info,
+            )  # fmt: skip
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
@@ -133,14 +138,16 @@ def check_size(
     max_pixels: int = MAX_PIXELS,
     max_decode_bytes: int = MAX_DECODE_BYTES,
     name: str = "image",
+    transparency_key: bool = False,
 ) -> None:
-    """Raise ``ImageLoadError`` if an image of this size and mode is over either limit."""
+    """Raise ``ImageLoadError`` if an image of this size and mode (and PNG transparency key,
+    see :func:`decode_cost`) is over either limit."""
     if width * height > max_pixels:
         raise ImageLoadError(
             f"{name}: {width}x{height} pixels is more than the limit of {max_pixels:,}; "
             "downscale the image first or raise max_pixels."
         )
-    cost = decode_cost(width, height, mode)
+    cost = decode_cost(width, height, mode, transparency_key)
     if cost > max_decode_bytes:
         raise ImageLoadError(
             f"{name}: decoding this {width}x{height} {mode} image needs about "

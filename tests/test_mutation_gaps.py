@@ -239,3 +239,23 @@ def test_png_transparency_key_composites_on_white_in_every_mode():
     assert keyed_p.mode == "P" and keyed_p.info["transparency"] == 1
     expected = np.where((idx == 1)[..., None], 255, palette[idx])
     assert (np.asarray(to_rgb(keyed_p)) == expected).all()
+
+
+@pytest.mark.parametrize(("mode", "key"), [("L", 90), ("RGB", (10, 20, 30))])
+def test_a_transparency_key_is_priced_as_the_composite_it_gets(tmp_path, mode, key):
+    """An L or RGB PNG with a tRNS key goes through RGBA in to_rgb (17 or 20 bytes a pixel,
+    not 5 or 4): the decode budget must count that, from the header, before decoding."""
+    w, h = 100, 80
+    keyed, plain = tmp_path / "keyed.png", tmp_path / "plain.png"
+    Image.new(mode, (w, h), key).save(keyed, transparency=key)
+    Image.new(mode, (w, h), key).save(plain)
+    stored = 1 if mode == "L" else 4
+    assert decode_cost(w, h, mode, transparency_key=True) == w * h * (stored + 16)
+    assert decode_cost(w, h, mode) == w * h * (stored + (4 if mode == "L" else 0))
+    budget = decode_cost(w, h, mode, transparency_key=True) - 1
+    assert np.asarray(load_image(plain, max_decode_bytes=budget)).shape == (h, w, 3)
+    with pytest.raises(ImageLoadError, match="more than the budget"):
+        load_image(keyed, max_decode_bytes=budget)
+    with pytest.raises(ImageLoadError, match="more than the budget"):
+        check_size(w, h, mode, max_decode_bytes=budget, transparency_key=True)
+    assert np.asarray(load_image(keyed, max_decode_bytes=budget + 1))[0, 0].tolist() == [255] * 3

@@ -291,6 +291,17 @@ def test_large_pil_query_refused(engine):
     assert "more than the limit of 40,000,000" in status
 
 
+def test_keyed_pil_query_priced_as_its_composite(env):
+    """An L image with a PNG transparency key is composited through RGBA (17 bytes a pixel):
+    a budget that fits the plain L image (5 bytes a pixel) refuses the keyed one."""
+    eng = make_engine(env, max_decode_bytes=28 * 28 * 10)
+    plain = Image.new("L", (28, 28), 90)
+    keyed = Image.new("L", (28, 28), 90)
+    keyed.info["transparency"] = 90
+    assert "budget" not in app.search_page(eng, plain, 5, "similarity", 0.4)[2]
+    assert "more than the budget" in app.search_page(eng, keyed, 5, "similarity", 0.4)[2]
+
+
 def test_max_pixels_configurable(env, tmp_path):
     eng = make_engine(env, max_pixels=100)
     big = tmp_path / "b.png"
