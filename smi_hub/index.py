@@ -28,6 +28,7 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -424,6 +425,23 @@ class EmbeddingIndex:
             report.update(
                 {"queries": int(q.shape[0]), "recall_at_10": round(recall, 4), knob: value}
             )
+            if recall < target_recall:
+                if given:
+                    why = f"with the given {knob} {value}; a larger one raises recall"
+                elif index.kind in ("ivfpq", "ivfsq"):
+                    why = (
+                        f"at the best {knob} ({value}): the codes' compression is the limit. "
+                        f"Raise memory_budget (now {index.memory_budget / 2**30:.2f} GiB; "
+                        f"8-bit scalar codes need about {1.1 * n * dim / 2**30 + 0.1:.1f} "
+                        "GiB) or choose a kind that compresses less (ivfsq, ivf)"
+                    )
+                else:
+                    why = f"at the best {knob} ({value}; a larger one stopped helping)"
+                warnings.warn(
+                    f"recall@10 {recall:.3f} on {q.shape[0]} held-out queries is below "
+                    f"target_recall {target_recall} for {index.factory} {why}.",
+                    stacklevel=2,
+                )
         index.metadata["build"] = report
         return index
 
