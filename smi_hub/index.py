@@ -94,18 +94,23 @@ def _nlist(n: int) -> int:
     return 1 << max(0, target.bit_length() - 1)
 
 
+def _ivf_bytes(n: int, dim: int, code_bytes: float) -> float:
+    """Memory of an IVF index of ``n`` vectors stored in ``code_bytes`` per dimension: the codes
+    with a 10% margin for inverted lists growing as vectors are added, plus the centroids, the
+    ids and some slack."""
+    return 1.1 * n * dim * code_bytes + _nlist(n) * dim * 4 + n * 8 + (64 << 20)
+
+
 def factory_string(kind: str, n: int, dim: int, memory_budget: int = DEFAULT_BUDGET) -> str:
     """The faiss ``index_factory`` string of ``kind`` for ``n`` vectors of ``dim``
     (``auto``: chosen for the budget; see the module docstring)."""
     nlist = _nlist(n)
     if kind == "auto":
-        # centroids, ids, slack; 10% margin for inverted lists growing as vectors are added
-        overhead = nlist * dim * 4 + n * 8 + (64 << 20)
         if n <= FLAT_MAX and n * dim * 4 <= memory_budget:
             kind = "flat"
-        elif 1.1 * n * dim * 4 + overhead <= memory_budget:
+        elif _ivf_bytes(n, dim, 4) <= memory_budget:
             kind = "ivf"
-        elif 1.1 * n * dim + overhead <= memory_budget:
+        elif _ivf_bytes(n, dim, 1) <= memory_budget:
             kind = "ivfsq"
         else:
             kind = "ivfpq"
@@ -114,7 +119,7 @@ def factory_string(kind: str, n: int, dim: int, memory_budget: int = DEFAULT_BUD
     if kind == "ivf":
         return f"IVF{nlist},Flat"
     if kind == "ivfsq":  # 16-bit floats when they fit the budget, else 8-bit codes
-        fp16 = 1.1 * n * dim * 2 + nlist * dim * 4 + n * 8 + (64 << 20) <= memory_budget
+        fp16 = _ivf_bytes(n, dim, 2) <= memory_budget
         return f"IVF{nlist},{'SQfp16' if fp16 else 'SQ8'}"
     if kind == "ivfpq":  # 4-bit fast-scan PQ: m / 2 bytes per vector
         m = dim // 2 if dim % 2 == 0 else dim
@@ -429,11 +434,22 @@ class EmbeddingIndex:
                 if given:
                     why = f"with the given {knob} {value}; a larger one raises recall"
                 elif index.kind in ("ivfpq", "ivfsq"):
+                    # the next, less compressed codes: bytes per dimension and their kind
+                    if index.kind == "ivfpq":
+                        code, name = 1, "8-bit scalar codes (kind='ivfsq')"
+                    elif "SQ8" in index.factory:
+                        code, name = 2, "16-bit floats (kind='ivfsq')"
+                    else:
+                        code, name = 4, "uncompressed vectors (kind='ivf')"
+                    need = _ivf_bytes(n, dim, code)
+                    fix = (
+                        f"{name} fit the memory_budget"
+                        if need <= index.memory_budget
+                        else f"{name} need a memory_budget of about {need / 2**30:.1f} GiB "
+                        f"(now {index.memory_budget / 2**30:.2f} GiB)"
+                    )
                     why = (
-                        f"at the best {knob} ({value}): the codes' compression is the limit. "
-                        f"Raise memory_budget (now {index.memory_budget / 2**30:.2f} GiB; "
-                        f"8-bit scalar codes need about {1.1 * n * dim / 2**30 + 0.1:.1f} "
-                        "GiB) or choose a kind that compresses less (ivfsq, ivf)"
+                        f"at the best {knob} ({value}): the codes' compression is the limit; {fix}"
                     )
                 else:
                     why = f"at the best {knob} ({value}; a larger one stopped helping)"

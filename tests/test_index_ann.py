@@ -238,6 +238,11 @@ def test_a_recall_target_the_budget_cannot_reach_is_reported():
     report = idx.metadata["build"]
     assert report["recall_at_10"] < 0.99
     assert f"recall@10 {report['recall_at_10']:.3f}" in str(rec[0].message)
+    assert "kind='ivfsq') fit the memory_budget" in str(rec[0].message)
+    with pytest.warns(
+        UserWarning, match=r"need a memory_budget of about 0\.1 GiB \(now 0\.00 GiB\)"
+    ):
+        EmbeddingIndex.build(x, kind="ivfpq", memory_budget="1MB", target_recall=0.99)
     import warnings
 
     with warnings.catch_warnings():
