@@ -316,16 +316,8 @@ def test_hf_dataset_with_a_typed_image_column_of_any_name(fmnist, probe):
         extract(probe, datasets.Dataset.from_dict({"a": [1, 2]}))
 
 
-@pytest.mark.parametrize("as_folder", [False, True])
-def test_a_changed_file_restarts_a_store(fmnist, probe, tmp_path, as_folder):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    files = []
-    for i, im in enumerate(fmnist[0][:4]):
-        files.append(folder / f"{i}.png")
-        im.save(files[-1])
-    inputs = folder if as_folder else files
-    out = tmp_path / "s"
+def interrupt_after_one_batch(probe, inputs, out) -> None:
+    """Write the first shard of a store (batches of 2, shards of 2), then die."""
     original = probe.embed
 
     def dies_on_the_second_batch(x):
@@ -337,6 +329,19 @@ def test_a_changed_file_restarts_a_store(fmnist, probe, tmp_path, as_folder):
     with pytest.raises(InterruptedError):
         extract(probe, inputs, batch_size=2, out=out, shard_size=2)
     probe.embed = original
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_a_changed_file_restarts_a_store(fmnist, probe, tmp_path, as_folder):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = []
+    for i, im in enumerate(fmnist[0][:4]):
+        files.append(folder / f"{i}.png")
+        im.save(files[-1])
+    inputs = folder if as_folder else files
+    out = tmp_path / "s"
+    interrupt_after_one_batch(probe, inputs, out)
     fmnist[0][5].save(files[0])  # another image under the same name: not resumed
     probe.batches.clear()
     with pytest.warns(RuntimeWarning, match="starting over"):
@@ -348,17 +353,7 @@ def test_a_changed_file_restarts_a_store(fmnist, probe, tmp_path, as_folder):
 def test_a_dataset_of_another_length_restarts_a_store(fmnist, probe, tmp_path):
     images = fmnist[0]
     out = tmp_path / "s"
-    original = probe.embed
-
-    def dies_on_the_second_batch(x):
-        if probe.batches:
-            raise InterruptedError
-        return original(x)
-
-    probe.embed = dies_on_the_second_batch
-    with pytest.raises(InterruptedError):
-        extract(probe, Listed(images[:8]), batch_size=2, out=out, shard_size=2)
-    probe.embed = original
+    interrupt_after_one_batch(probe, Listed(images[:8]), out)
     probe.batches.clear()
     with pytest.warns(RuntimeWarning, match="starting over"):
         store = extract(probe, Listed(images[1:8]), batch_size=2, out=out, shard_size=2)
