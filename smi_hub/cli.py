@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import smi_hub
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 
 
@@ -124,7 +126,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=_count, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
@@ -133,15 +135,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``smi-hub``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="smi-hub", description="SMI self-supervised models: weights, features, retrieval."
     )
+    parser.add_argument("--version", action="version", version=f"smi-hub {smi_hub.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="registered models and their status")
 
     p = sub.add_parser("info", help="metadata of a registered model")
-    p.add_argument("name")
+    p.add_argument("name", help="registry name (smi-hub list shows them)")
 
     p = sub.add_parser("extract", help="features of many images -> a sharded feature store")
     p.add_argument(
@@ -155,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer",
         default="pooled",
         choices=["pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector"],
+        help="pooled backbone features, the last spatial map, a stage's map, or the projector "
+        "embedding",
     )
     _run_args(p)
     p.add_argument("--shard-size", type=int, default=65536, help="inputs per shard")
@@ -178,17 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned)")
 
     p = sub.add_parser("search", help="nearest neighbours of an image in an index")
-    p.add_argument("index_dir")
+    p.add_argument("index_dir", help="index folder (smi-hub index)")
     p.add_argument("query", nargs="+", help="query image(s)")
-    p.add_argument("-k", type=_positive_int, default=5)
+    p.add_argument("-k", type=_positive_int, default=5, help="neighbours per query")
     _model_arg(p)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (more: exacter)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (more: exacter)")
 
     p = sub.add_parser("export", help="training checkpoint -> weights folder")
-    p.add_argument("checkpoint")
-    p.add_argument("out_dir")
+    p.add_argument("checkpoint", help="training checkpoint (.pt) of python -m training.pretrain")
+    p.add_argument("out_dir", help="weights folder to write (safetensors, config.json, card)")
     p.add_argument("--with-projector", action="store_true", help="keep projector.* tensors")
     p.add_argument("--name", help="model name for the model card (default: folder name)")
     p.add_argument("--results", nargs="+", default=[], help="extra evaluation result JSONs")
@@ -197,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="classifier weights folder (python -m training.finetune), repo id")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-k", "--top", type=_positive_int, default=5, help="classes to print per image")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
 
     p = sub.add_parser("demo", help="start the Gradio demo (needs a source checkout)")
     p.add_argument(
@@ -213,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="let visitors load any folder, repo id or URL on this machine (off by default)",
     )
     p.add_argument("--gallery", default=None, help="folder of images (default: Fashion-MNIST)")
-    p.add_argument("--port", type=_port, default=None)
-    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=_port, default=None, help="port (default: 7860 or the next free)")
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="query size limit")
 
     p = sub.add_parser(
@@ -226,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval", type=_positive_int, default=500, help="held-out images for k-NN accuracy"
     )
-    p.add_argument("-k", type=_positive_int, default=5)
+    p.add_argument("-k", type=_positive_int, default=5, help="neighbours per query")
     return parser
 
 

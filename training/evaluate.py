@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
@@ -180,11 +181,11 @@ def _parse_shots(values: list[str]) -> tuple[int | None, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate a backbone: k-NN, linear probes, transfer, semi-supervised.",
     )
-    p.add_argument("protocol", choices=PROTOCOLS)
+    p.add_argument("protocol", choices=PROTOCOLS, help="evaluation to run")
     p.add_argument(
         "--protocol",
         dest="recipe",
@@ -212,10 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fashion_mnist | imagefolder | hf | digits (scikit-learn's 8x8 digits)",
     )
     data.add_argument("--data-path", help="ImageFolder root or datasets folder")
-    data.add_argument("--train-split", default="train")
-    data.add_argument("--test-split", default="test")
-    data.add_argument("--image-key", default="image")
-    data.add_argument("--label-key", default="label")
+    data.add_argument("--train-split", default="train", help="split to train on")
+    data.add_argument("--test-split", default="test", help="split to report on")
+    data.add_argument("--image-key", default="image", help="image column (--dataset hf)")
+    data.add_argument("--label-key", default="label", help="label column (--dataset hf)")
     data.add_argument("--train-subset", type=int, help="use this many training images")
     data.add_argument("--test-subset", type=int, help="use this many test images")
     data.add_argument(
@@ -226,15 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessing, 256/224 for 224 px models, 1.0 for small ones)",
     )
     run = p.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=256)
-    run.add_argument("--num-workers", type=int, default=0)
-    run.add_argument("--device", default="cpu")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    run.add_argument("--seed", type=int, default=0, help="subsets, label subsets, init")
     run.add_argument("--cache-dir", help="feature cache (default <run-dir>/eval/features)")
     run.add_argument("--out", help="result JSON (default <run-dir>/eval/<protocol>.json)")
     knn = p.add_argument_group("k-NN")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=int, default=20, help="neighbours that vote")
+    knn.add_argument(
+        "--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)"
+    )
     lin = p.add_argument_group("linear probe / transfer / semisup")
     lin.add_argument(
         "--epochs", type=int, default=None, help="default: 100 (linear, transfer), 20 (semisup)"
@@ -245,9 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument(
         "--weight-decay", type=float, nargs="+", default=None, help="default: the protocol's"
     )
-    lin.add_argument("--shots", nargs="+", default=["1", "5", "10", "all"])
-    lin.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    lin.add_argument("--classifier", choices=("linear", "knn"), default="linear")
+    lin.add_argument(
+        "--shots", nargs="+", default=["1", "5", "10", "all"],
+        help="transfer: labelled images per class (all: every one)",
+    )  # fmt: skip
+    lin.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="transfer: seeds of the shots"
+    )
+    lin.add_argument(
+        "--classifier", choices=("linear", "knn"), default="linear",
+        help="transfer: the few-shot classifier",
+    )  # fmt: skip
     semi = p.add_argument_group("semisup")
     semi.add_argument("--fraction", type=float, default=0.01, help="labelled fraction (0.01, 0.1)")
     semi.add_argument(

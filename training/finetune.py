@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import smi_hub
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
@@ -346,6 +347,11 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
     t_start = time.time()
 
     # ---- data: the labelled subset, its validation split, the test split
+    if cfg.data in ("imagefolder", "hf") and not cfg.data_path:
+        raise FinetuneError(
+            f"--data {cfg.data} needs --data-path (data_path): "
+            + ("an ImageFolder root." if cfg.data == "imagefolder" else "a datasets folder/file.")
+        )
     base = build_source(cfg.data, cfg.data_path, cfg.train_split, cfg.image_key, cfg.label_key)
     sub = subset_indices(len(base), cfg.train_subset, cfg.seed)
     split_index = list(range(len(base))) if sub is None else sub  # position -> split index
@@ -556,9 +562,11 @@ def _finish(
     out = Path(cfg.out)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    chosen = best if best["state"] is not None else history[-1]
     metrics: dict[str, Any] = {
         "val_top1": best["val_top1"] if best["state"] is not None else None,
-        "best_epoch": best["epoch"] if best["state"] is not None else history[-1]["epoch"],
+        "best_epoch": math.ceil(chosen["epoch"]),  # 1-based; a cut-short epoch counts as one
+        "best_step": chosen["step"],
     }
     if cfg.test_split:
         test = build_source(cfg.data, cfg.data_path, cfg.test_split, cfg.image_key, cfg.label_key)
@@ -612,7 +620,7 @@ def _finish(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m training.finetune",
         description="Fine-tune smi-hub weights (head + backbone) into an image classifier.",
     )
@@ -621,34 +629,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, help="fashion_mnist | imagefolder | hf")
     p.add_argument("--out", required=True, help="output weights folder (and run files)")
     p.add_argument("--data-path", help="ImageFolder root or Hugging Face datasets folder/file")
-    p.add_argument("--train-split", default=d.train_split)
+    p.add_argument("--train-split", default=d.train_split, help="split to train on")
     p.add_argument("--test-split", default=d.test_split, help="'none': no test evaluation")
-    p.add_argument("--image-key", default=d.image_key)
-    p.add_argument("--label-key", default=d.label_key)
+    p.add_argument("--image-key", default=d.image_key, help="image column (--data hf)")
+    p.add_argument("--label-key", default=d.label_key, help="label column (--data hf)")
     p.add_argument("--train-subset", type=int, help="use a random subset of N training images")
     p.add_argument("--test-subset", type=int, help="use a random subset of N test images")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--label-fraction", type=float, help="fraction of labels kept per class")
     labels.add_argument("--labels-per-class", type=int, help="labelled images kept per class")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction,
+        help="of the labelled images per class, held out to pick the best epoch (0: last)",
+    )  # fmt: skip
     p.add_argument("--random-init", action="store_true", help="same recipe, random backbone")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the labelled images")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke runs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
     p.add_argument("--lr", type=float, default=d.lr, help="head learning rate")
-    p.add_argument("--backbone-lr", type=float, help="default lr/10; 0 freezes the backbone")
-    p.add_argument("--layer-decay", type=float, default=d.layer_decay)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--crop-scale", type=float, nargs=2, default=list(d.crop_scale))
-    p.add_argument("--hflip-prob", type=float, default=d.hflip_prob)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument(
+        "--backbone-lr",
+        type=float,
+        help="backbone learning rate (default: --lr / 10); 0 freezes it",
+    )
+    p.add_argument(
+        "--layer-decay", type=float, default=d.layer_decay,
+        help="backbone LR x decay ** (stages above the layer); 1: uniform",
+    )  # fmt: skip
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up (default: 5%% of the steps)")
+    p.add_argument(
+        "--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy smoothing"
+    )
+    p.add_argument(
+        "--crop-scale", type=float, nargs=2, default=list(d.crop_scale),
+        help="RandomResizedCrop area range (1 1: no crop)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hflip-prob", type=float, default=d.hflip_prob, help="horizontal flip probability"
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=d.precision, help="autocast precision"
+    )
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes"
+    )
+    p.add_argument(
+        "--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
+        help="mid-epoch checkpoint interval (and one at each epoch end)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed, help="label subset, split, data order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--name", help="model card title (default: the --out folder name)")
     p.add_argument("--resume", default="none", help="'auto', a checkpoint path, or 'none'")
@@ -681,14 +713,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = finetune(config_from_args(args), resume=args.resume)
     except (FinetuneError, DataError, CheckpointError, SMIHubError) as e:
-        print(f"Error: {e}", file=sys.stderr)
+        print(f"Error: {cli_words(str(e))}", file=sys.stderr)
         return 2
     finally:
         D.cleanup_distributed()
     if result:
-        m = result["metrics"]
-        print(f"Fine-tuned weights -> {args.out}: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+        shown = [f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in
+                 result["metrics"].items()]  # fmt: skip
+        print(f"Fine-tuned weights -> {args.out}: " + ", ".join(shown))
     return 0
+
+
+_CONFIG_KEYS = {  # the pretraining config keys training.data names, as this CLI's flags
+    "data.path": "--data-path",
+    "data.split": "--train-split/--test-split",
+    "data.image_key": "--image-key",
+    "data.label_key": "--label-key",
+    "train.batch_size": "--batch-size",
+}
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the pretraining config keys replaced by this command's flags."""
+    for key, flag in _CONFIG_KEYS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.models import SMIModel
 from training import distributed as D
 from training.checkpoint import (
@@ -496,7 +497,7 @@ def _fmt_time(seconds: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m training.pretrain",
         description="Self-supervised pretraining (SMI, Barlow Twins or VICReg) of an SMIModel.",
     )
