@@ -47,6 +47,25 @@ KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "auto")
 FLAT_MAX = 100_000  # auto: exact search up to this many vectors (a few ms per query)
 DEFAULT_BUDGET = 2 << 30
 KNOBS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PQ_MIN_TRAIN = 39 * 16  # ivfpq: faiss' 39 points for each of a 4-bit codebook's 16 centroids
+PROGRESS_MIN = 50_000  # build(progress=None): a progress bar from this many vectors on
+
+
+def _warn_unused_knobs(kind: str, nprobe: int | None, ef_search: int | None) -> None:
+    """One warning for a search knob the index ``kind`` does not have (it would be ignored)."""
+    unused = [
+        name
+        for name, value, kinds in (("nprobe", nprobe, ("ivf", "ivfsq", "ivfpq")),
+                                   ("ef_search", ef_search, ("hnsw",)))
+        if value is not None and kind not in kinds
+    ]  # fmt: skip
+    if unused:
+        what = "exact search" if kind == "flat" else "no such knob"
+        warnings.warn(
+            f"{' and '.join(unused)} ignored: a {kind} index has {what} (nprobe is for IVF "
+            "kinds, ef_search for hnsw).",
+            stacklevel=3,
+        )
 
 
 class SearchResult(NamedTuple):
@@ -248,6 +267,12 @@ class EmbeddingIndex:
         self._resolve(x.shape[0])
         if self.kind == "flat":
             return self
+        if self.kind == "ivfpq" and x.shape[0] < PQ_MIN_TRAIN:
+            raise ValueError(
+                f"kind='ivfpq' needs at least {PQ_MIN_TRAIN} training vectors (faiss trains 16 "
+                f"centroids per PQ sub-space from 39 points each), got {x.shape[0]}; at this "
+                "size an exact kind='flat' index is small and fast."
+            )
         index = self._new_faiss()
         try:
             index.train(x.numpy())
@@ -310,6 +335,7 @@ class EmbeddingIndex:
         ef_search: int | None = None,
         chunk_size: int = 65536,
         seed: int = 0,
+        progress: bool | None = None,
     ) -> EmbeddingIndex:
         """Build an index from a :class:`~smi_hub.FeatureStore` (read shard by shard, never
         all at once) or an N x D tensor.
@@ -320,7 +346,10 @@ class EmbeddingIndex:
         smallest ``nprobe`` / ``efSearch`` reaching ``target_recall`` (recall@10; or where
         doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
+        ``progress``: a progress bar on stderr (None: from :data:`PROGRESS_MIN` vectors on).
         """
+        from tqdm import tqdm
+
         from smi_hub.feature_store import FeatureStore
 
         t0 = time.perf_counter()
@@ -374,6 +403,11 @@ class EmbeddingIndex:
             ef_search=ef_search,
         )
         index._resolve(n)
+        _warn_unused_knobs(index.kind, nprobe, ef_search)
+        bar = tqdm(
+            total=n, desc=f"index {index.factory}", unit="vec", unit_scale=True,
+            disable=not (progress if progress is not None else n >= PROGRESS_MIN),
+        )  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=g)
         t_train = 0.0
@@ -382,7 +416,9 @@ class EmbeddingIndex:
             want = train_size or (1000 if index.kind == "hnsw" else max(10_000, 64 * _nlist(n)))
             train_ids = perm[: min(n, want)].sort().values
             t1 = time.perf_counter()
+            bar.set_postfix_str(f"training on {len(train_ids)} vectors")
             index.train(rows(train_ids))
+            bar.set_postfix_str("adding")
             t_train = time.perf_counter() - t1
         if index.kind == "flat":
             index.embeddings = torch.empty(n, dim)  # filled in place: no growing copies
@@ -393,6 +429,7 @@ class EmbeddingIndex:
             else:
                 index._faiss.add(part.numpy())
             pos += part.shape[0]
+            bar.update(part.shape[0])
         index.labels = labels
         t_built = time.perf_counter() - t0
         report: dict[str, Any] = {
@@ -409,6 +446,7 @@ class EmbeddingIndex:
             k = min(10, n)
             _, truth = _exact_topk(q, chunks(), k)
             knob = "efSearch" if index.kind == "hnsw" else "nprobe"
+            bar.set_postfix_str(f"tuning {knob} on {q.shape[0]} queries")
             given = ef_search if index.kind == "hnsw" else nprobe
             limit = 4096 if index.kind == "hnsw" else _nlist(n)
             low = 16 if index.kind == "hnsw" else 1  # faiss' HNSW uses max(efSearch, k) anyway
@@ -458,6 +496,7 @@ class EmbeddingIndex:
                     f"target_recall {target_recall} for {index.factory} {why}.",
                     stacklevel=2,
                 )
+        bar.close()
         index.metadata["build"] = report
         return index
 
@@ -491,6 +530,7 @@ class EmbeddingIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"This index holds {self.dim}-d vectors, queries are {q.shape[1]}-d.")
         k = max(1, min(int(k), len(self)))
+        _warn_unused_knobs(self.kind, nprobe, ef_search)
         if self.kind == "flat" and self.backend == "torch":
             assert self.embeddings is not None
             step = max(1, min(1024, (1 << 26) // len(self)))  # score blocks of <= 256 MB
