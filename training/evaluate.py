@@ -57,6 +57,7 @@ from training.eval_data import (
     labelled_source,
     load_model,
 )
+from training.label_lists import LabelListError, label_list_indices, read_label_list
 from training.probes import (
     EvalError,
     knn_classify,
@@ -264,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     semi.add_argument(
         "--subset-dir", help="folder of label-subset index files (default <out folder>/subsets)"
     )
+    semi.add_argument(
+        "--subset-file",
+        help="the labelled images as a list of file names, one per line, as SimCLR's "
+        "1percent.txt / 10percent.txt (--dataset imagefolder); instead of a drawn subset",
+    )
     return p
 
 
@@ -463,19 +469,27 @@ def _run_semisup(
     wd = (args.weight_decay or [ref["weight_decay"]])[0]
     epochs = args.epochs if args.epochs is not None else ref["epochs"]
 
-    # the subset finetune will draw (same source, subset and seed), pinned by an index file
     train = build_eval_source(
         args.dataset, args.data_path, args.train_split, args.image_key, args.label_key
     )
-    positions = subset_indices(len(train), args.train_subset, args.seed)
-    split_index = positions if positions is not None else list(range(len(train)))
-    if positions is not None:
-        train = IndexedSubset(train, positions)
-    labels = [int(t) for t in (getattr(train, "targets", None) or [y for _, y in train])]
-    chosen = select_label_subset(labels, fraction=args.fraction, seed=args.seed)
-    folder = args.subset_dir or str(Path(out).parent / "subsets")
-    index_file = subset_file(folder, args.dataset, args.train_split, args.fraction, args.seed)
-    indices = fix_subset(index_file, [split_index[i] for i in chosen])
+    if args.subset_file:  # a published list (SimCLR's 1percent.txt format): its files
+        if not hasattr(train, "samples") or args.train_subset:
+            raise EvalError("--subset-file names files: use --dataset imagefolder, no subset.")
+        index_file = Path(args.subset_file)
+        try:
+            indices = label_list_indices(train.samples, read_label_list(index_file))
+        except LabelListError as e:
+            raise EvalError(f"{index_file}: {e}") from e
+    else:  # the subset finetune will draw (same source, subset, seed), pinned by a file
+        positions = subset_indices(len(train), args.train_subset, args.seed)
+        split_index = positions if positions is not None else list(range(len(train)))
+        if positions is not None:
+            train = IndexedSubset(train, positions)
+        labels = [int(t) for t in (getattr(train, "targets", None) or [y for _, y in train])]
+        chosen = select_label_subset(labels, fraction=args.fraction, seed=args.seed)
+        folder = args.subset_dir or str(Path(out).parent / "subsets")
+        index_file = subset_file(folder, args.dataset, args.train_split, args.fraction, args.seed)
+        indices = fix_subset(index_file, [split_index[i] for i in chosen])
 
     stem = Path(out).with_suffix("")
     base = Path(f"{stem}_base")
@@ -484,11 +498,13 @@ def _run_semisup(
         model=str(base), data=args.dataset, out=f"{stem}_finetuned", data_path=args.data_path,
         train_split=args.train_split, test_split=args.test_split, image_key=args.image_key,
         label_key=args.label_key, train_subset=args.train_subset, test_subset=args.test_subset,
-        label_fraction=args.fraction, val_fraction=0.0, epochs=epochs,
+        label_fraction=None if args.subset_file else args.fraction,
+        label_list=args.subset_file, val_fraction=0.0, epochs=epochs,
         batch_size=ref["batch_size"], optimizer="sgd", lr=lr_head, backbone_lr=lr_backbone,
         weight_decay=wd, momentum=0.9, warmup_steps=0, label_smoothing=0.0,
         crop_scale=(0.08, 1.0), hflip_prob=0.5, device=args.device,
-        num_workers=args.num_workers, seed=args.seed,
+        num_workers=args.num_workers, seed=args.seed, keep_last_batch=True,
+        test_every_epoch=True,
     )  # fmt: skip
     res = finetune(cfg)
     used = json.loads((Path(cfg.out) / "labels.json").read_text())["train_indices"]
@@ -501,7 +517,12 @@ def _run_semisup(
         test_images=res["metrics"].get("test_images"),
     )  # fmt: skip
     extra["history"] = res.get("history", [])
-    return {k: float(res["metrics"][k]) for k in ("top1", "top5")}
+    m = res["metrics"]  # final, and the best epoch's (as the references print best_acc)
+    return {
+        "top1": float(m["top1"]), "top5": float(m["top5"]),
+        "best_top1": float(m["best_test_top1"]), "best_top5": float(m["best_test_top5"]),
+        "best_epoch": int(m["best_test_epoch"]),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,7 @@ from training.data import (
     view_transform,
 )
 from training.eval_data import default_resize_ratio
+from training.label_lists import LabelListError, label_list_indices, read_label_list
 from training.optim import WarmupCosine
 
 log = logging.getLogger("training.finetune")
@@ -93,6 +94,7 @@ class FinetuneConfig:
     test_subset: int | None = None
     label_fraction: float | None = None  # keep this fraction of each class's labels
     labels_per_class: int | None = None  # or this many labelled images per class
+    label_list: str | None = None  # or the files a list names (SimCLR's 1percent.txt format)
     val_fraction: float = 0.1  # of the labelled images, per class; 0: keep the last epoch
     random_init: bool = False  # same recipe from a randomly initialized backbone
     epochs: int = 10
@@ -117,6 +119,8 @@ class FinetuneConfig:
     seed: int = 0
     progress: bool = True
     name: str | None = None  # model card title (default: the out folder name)
+    keep_last_batch: bool = False  # train on an epoch's last, partial batch too (references)
+    test_every_epoch: bool = False  # test after every epoch: best-epoch scores beside final
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -228,6 +232,9 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: Sequence[str
     model = smi_hub.load(cfg.model, pretrained=not cfg.random_init)
     model.projector, model.projector_dims = None, []
     model.reset_classifier(num_classes, class_names)
+    with torch.no_grad():  # as Barlow Twins' and VICReg's evaluate.py
+        model.fc.weight.normal_(mean=0.0, std=0.01)
+        model.fc.bias.zero_()
     return model
 
 
@@ -319,6 +326,16 @@ def _train_step(
 # --------------------------------------------------------------------------------------------
 
 
+def _test_dataset(cfg: FinetuneConfig, model: SMIModel) -> _MappedDataset:
+    """The test split (``test_subset`` of it) with the model's evaluation transform."""
+    test = build_source(cfg.data, cfg.data_path, cfg.test_split, cfg.image_key, cfg.label_key)
+    idx = subset_indices(len(test), cfg.test_subset, cfg.seed)
+    if idx is not None:
+        test = IndexedSubset(test, idx)
+    ev = eval_transform(model.image_size, model.mean, model.std, default_resize_ratio(model))
+    return _MappedDataset(test, ev)
+
+
 def _check(cfg: FinetuneConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise FinetuneError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}.")
@@ -330,6 +347,13 @@ def _check(cfg: FinetuneConfig) -> None:
         raise FinetuneError("batch_size and lr must be positive and backbone_lr >= 0.")
     if not 0 < cfg.layer_decay <= 1:
         raise FinetuneError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
+    if cfg.label_list and (cfg.label_fraction or cfg.labels_per_class or cfg.train_subset):
+        raise FinetuneError(
+            "--label-list names the labelled images itself; drop --label-fraction, "
+            "--labels-per-class and --train-subset."
+        )
+    if cfg.test_every_epoch and not cfg.test_split:
+        raise FinetuneError("test_every_epoch needs a test split (--test-split).")
 
 
 def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
@@ -366,7 +390,15 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
     classes = list(getattr(base, "classes", []) or [])
     num_classes = max(len(classes), max(labels) + 1)
     class_names = classes if len(classes) == num_classes else [str(c) for c in range(num_classes)]
-    labelled = select_label_subset(labels, cfg.label_fraction, cfg.labels_per_class, cfg.seed)
+    if cfg.label_list:
+        if not hasattr(base, "samples"):
+            raise FinetuneError("--label-list names files: it needs --data imagefolder.")
+        try:
+            labelled = label_list_indices(base.samples, read_label_list(cfg.label_list))
+        except LabelListError as e:
+            raise FinetuneError(f"{cfg.label_list}: {e}") from e
+    else:
+        labelled = select_label_subset(labels, cfg.label_fraction, cfg.labels_per_class, cfg.seed)
     train_idx, val_idx = split_validation(labels, labelled, cfg.val_fraction, cfg.seed)
     model = build_model(cfg, num_classes, class_names)
     mean, std, size = model.mean, model.std, model.image_size
@@ -377,6 +409,7 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
     evaluation = eval_transform(size, mean, std, default_resize_ratio(model))
     train_ds = _MappedDataset(IndexedSubset(base, train_idx), augment, seed=cfg.seed)
     val_ds = _MappedDataset(IndexedSubset(base, val_idx), evaluation) if val_idx else None
+    test_ds = _test_dataset(cfg, model) if cfg.test_every_epoch else None
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -388,6 +421,7 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
                     "seed": cfg.seed,
                     "label_fraction": cfg.label_fraction,
                     "labels_per_class": cfg.labels_per_class,
+                    "label_list": cfg.label_list,
                     "val_fraction": cfg.val_fraction,
                     "classes": class_names,
                     "train_indices": [split_index[i] for i in train_idx],
@@ -404,7 +438,9 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
             log.info("Only %d training images: batch size lowered to %d.", len(train_ds), batch)
     if batch % ws:
         raise FinetuneError(f"batch_size={batch} is not divisible by the {ws} processes.")
-    sampler = ResumableSampler(len(train_ds), batch // ws, ws, rk, seed=cfg.seed)
+    sampler = ResumableSampler(
+        len(train_ds), batch // ws, ws, rk, seed=cfg.seed, drop_last=not cfg.keep_last_batch
+    )
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -491,6 +527,9 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
             if val["top1"] > best["val_top1"]:
                 state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 best.update(val_top1=val["top1"], epoch=epoch_float, step=step, state=state)
+        if is_main and test_ds is not None:
+            res = evaluate_classifier(model, test_ds, device, cfg.eval_batch_size, cfg.precision)
+            record.update(test_top1=res["top1"], test_top5=res["top5"])
         history.append(record)
         if is_main:
             log.info("epoch %.2f: %s", epoch_float, record)
@@ -569,15 +608,17 @@ def _finish(
         "best_step": chosen["step"],
     }
     if cfg.test_split:
-        test = build_source(cfg.data, cfg.data_path, cfg.test_split, cfg.image_key, cfg.label_key)
-        idx = subset_indices(len(test), cfg.test_subset, cfg.seed)
-        if idx is not None:
-            test = IndexedSubset(test, idx)
-        ev = eval_transform(model.image_size, model.mean, model.std, default_resize_ratio(model))
-        res = evaluate_classifier(
-            model, _MappedDataset(test, ev), device, cfg.eval_batch_size, cfg.precision
-        )
+        test = _test_dataset(cfg, model)
+        res = evaluate_classifier(model, test, device, cfg.eval_batch_size, cfg.precision)
         metrics.update(top1=res["top1"], top5=res["top5"], test_images=len(test))
+    tested = [r for r in history if "test_top1" in r]
+    if tested:  # the references' report: the best epoch's test scores beside the final ones
+        top = max(tested, key=lambda r: r["test_top1"])
+        metrics.update(
+            best_test_top1=top["test_top1"],
+            best_test_top5=max(r["test_top5"] for r in tested),
+            best_test_epoch=math.ceil(top["epoch"]),
+        )
     base_cfg = getattr(model, "weights_config", {}) or {}
     training = {
         "task": "finetune",
@@ -638,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--label-fraction", type=float, help="fraction of labels kept per class")
     labels.add_argument("--labels-per-class", type=int, help="labelled images kept per class")
+    labels.add_argument(
+        "--label-list",
+        help="file naming the labelled images, one file name per line (SimCLR's 1percent.txt "
+        "format; --data imagefolder)",
+    )
     p.add_argument(
         "--val-fraction", type=float, default=d.val_fraction,
         help="of the labelled images per class, held out to pick the best epoch (0: last)",
@@ -684,6 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--name", help="model card title (default: the --out folder name)")
     p.add_argument("--resume", default="none", help="'auto', a checkpoint path, or 'none'")
+    p.add_argument(
+        "--keep-last-batch", action="store_true", help="train on each epoch's last partial batch"
+    )
+    p.add_argument(
+        "--test-every-epoch", action="store_true", help="also report the best epoch's test scores"
+    )
     return p
 
 
@@ -695,7 +747,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         test_split=None if str(args.test_split).lower() == "none" else args.test_split,
         image_key=args.image_key, label_key=args.label_key, train_subset=args.train_subset,
         test_subset=args.test_subset, label_fraction=args.label_fraction,
-        labels_per_class=args.labels_per_class, val_fraction=args.val_fraction,
+        labels_per_class=args.labels_per_class, label_list=args.label_list,
+        val_fraction=args.val_fraction, keep_last_batch=args.keep_last_batch,
+        test_every_epoch=args.test_every_epoch,
         random_init=args.random_init, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         backbone_lr=args.backbone_lr, layer_decay=args.layer_decay,
