@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_folder, recover_folder
+from smi_hub.plan import print_plan
 
 INDEX_FORMAT = 2
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -408,6 +409,13 @@ class EmbeddingIndex:
             total=n, desc=f"index {index.factory}", unit="vec", unit_scale=True,
             disable=not (progress if progress is not None else n >= PROGRESS_MIN),
         )  # fmt: skip
+        if not bar.disable:
+            print_plan(
+                f"index {n:,} vectors of {dim} dimensions as {index.factory}"
+                + ("" if index.kind == "flat" else f", then tune on {queries} held-out queries"),
+                None,
+                "the progress bar below shows the rate and time left",
+            )
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=g)
         t_train = 0.0

@@ -36,7 +36,11 @@ def test_prints_rounded_metrics_and_a_whole_best_epoch(tmp_path, capsys, one_tor
         "0.25", "--no-progress",
     ]  # fmt: skip
     assert ft.main(argv) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr()
+    plan = next(x for x in printed.err.splitlines() if x.startswith("plan: finetune"))
+    assert "on 18 labelled images x 10 epochs = 2 steps of 8 (2 to go)" in plan
+    assert re.search(r"; estimate ~\d+ (s|min)", plan), plan
+    line = printed.out.strip().splitlines()[-1]
     assert re.search(r"val_top1=\d+\.\d\d(,|$)", line), line
     assert "best_epoch=1," in line and "best_step=" in line  # 2 of 3 steps: epoch 1, not 0.67
 

@@ -46,6 +46,7 @@ from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
+from smi_hub.plan import TIMED_BATCH, print_plan, seconds_per_image
 from training import distributed as D
 from training.checkpoint import (
     CheckpointError,
@@ -489,6 +490,16 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
         total_steps = int(state["scheduler"]["total_steps"])
         if is_main:
             log.info("Resumed from %s: epoch %d, step %d.", resume_path, start_epoch, step)
+    if is_main:
+        per_image = seconds_per_image(model, model.image_size, device, train=True)
+        print_plan(
+            f"finetune {cfg.model} on {len(train_ds):,} labelled images x {cfg.epochs} epochs = "
+            f"{total_steps:,} steps of {batch} ({total_steps - step:,} to go) on {ws} x "
+            f"{device} -> {cfg.out}",
+            per_image * (batch // ws) * (total_steps - step),
+            f"model compute of 1 timed batch of {TIMED_BATCH}; data loading and evaluation "
+            "not included",
+        )
     net: nn.Module = model
     if ws > 1:
         net = DistributedDataParallel(
