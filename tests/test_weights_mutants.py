@@ -32,8 +32,15 @@ from smi_hub.weights import (
 )
 
 # mutmut runs each function of a mutated module through a wrapper (more frames between a
-# warning and its caller): there the warnings' stacklevel is checked through a spy instead
-UNDER_MUTMUT = load_weights_folder.__code__.co_filename != models_module.__file__
+# warning and its caller): there the warnings' stacklevel is checked through a spy instead.
+# The warnings come from load_weights_folder (smi_hub/models.py) and check_tensors (weights.py)
+UNDER_MUTMUT = any(
+    f.__code__.co_filename != module.__file__
+    for f, module in (
+        (load_weights_folder, models_module),
+        (weights_module.check_tensors, weights_module),
+    )
+)
 FIX = (
     ". Fix these fields or re-export the weights folder (smi-hub export / "
     "SMIModel.save_pretrained)."
