@@ -35,8 +35,10 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from smi_hub.errors import SMIHubError
+from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import atomic_folder, recover_folder
 from smi_hub.plan import print_plan
 
@@ -349,10 +351,6 @@ class EmbeddingIndex:
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
         ``progress``: a progress bar on stderr (None: from :data:`PROGRESS_MIN` vectors on).
         """
-        from tqdm import tqdm
-
-        from smi_hub.feature_store import FeatureStore
-
         t0 = time.perf_counter()
         if isinstance(vectors, FeatureStore):
             store = vectors
