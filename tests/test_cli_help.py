@@ -69,3 +69,18 @@ def test_help_shows_defaults(name, argv, expected, capsys):
     out = capsys.readouterr().out
     assert expected in out
     assert "(default: None)" not in out and "(default: False)" not in out
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [("geometry", "(default: 2000)"), ("report", "(default: main)"), ("plots", "--labels")],
+)
+def test_the_other_training_commands_show_defaults_and_help(module, expected, capsys):
+    import importlib
+
+    main = importlib.import_module(f"training.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert expected in out
