@@ -45,7 +45,7 @@ MAX_BASE_WIDTH = 256
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 MAX_NORM = 10.0  # |mean| and std, in units of the [0, 1] pixel range
 MAX_PROJECTOR_DIM, MAX_PROJECTOR_LAYERS = 65_536, 8
-MAX_NUM_CLASSES = 100_000
+MAX_NUM_CLASSES = 100_000  # = smi_hub.models.MAX_NUM_CLASSES (checked by a test)
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
