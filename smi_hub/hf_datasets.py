@@ -8,6 +8,9 @@ import numpy as np
 import torch
 
 from smi_hub.errors import SMIHubError
+from smi_hub.feature_store import FeatureStore
+from smi_hub.features import FeatureResult, _hf_image_key, extract_features
+from smi_hub.hub import load
 
 
 def add_embeddings(
@@ -43,9 +46,6 @@ def add_embeddings(
     import datasets
     import pyarrow as pa
 
-    from smi_hub.feature_store import FeatureStore
-    from smi_hub.features import FeatureResult, extract_features
-
     if isinstance(ds, datasets.DatasetDict):
         sources = source if isinstance(source, dict) else dict.fromkeys(ds, source)
         if isinstance(source, FeatureStore | FeatureResult) or set(sources) != set(ds):
@@ -54,8 +54,6 @@ def add_embeddings(
                 f"dict of one FeatureStore / FeatureResult per split, with keys {sorted(ds)}."
             )
         if isinstance(source, str | torch.nn.Module):
-            from smi_hub.hub import load
-
             model = load(source) if isinstance(source, str) else source
             sources = dict.fromkeys(ds, model)
         return datasets.DatasetDict(
@@ -122,10 +120,6 @@ def _add_embeddings_stream(
 ) -> Any:
     """``add_embeddings`` of a streaming ``IterableDataset``: a lazy ``map`` that extracts
     each batch's images (a null where an image cannot be read)."""
-
-    from smi_hub.feature_store import FeatureStore
-    from smi_hub.features import FeatureResult, _hf_image_key, extract_features
-    from smi_hub.hub import load
 
     if isinstance(source, FeatureStore | FeatureResult):
         raise SMIHubError(

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from smi_hub.registry import REGISTRY
+
 # data source names used in training configs -> Hugging Face dataset ids and display names
 DATASETS = {
     "fashion_mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST"),
@@ -177,8 +179,6 @@ def timm_snippet(config: dict[str, Any], name: str, repo_id: str | None) -> list
 def usage_snippet(config: dict[str, Any], name: str, repo_id: str | None) -> list[str]:
     """Python lines that load these weights: by repo id when published, by registry name for
     registered models, else from the folder holding the card."""
-    from smi_hub.registry import REGISTRY
-
     if repo_id:
         source, comment = repo_id, "  # the Hugging Face repo"
     elif name in REGISTRY:

@@ -13,8 +13,7 @@ import torch
 
 import smi_hub
 from smi_hub import SMIModel
-from smi_hub.models import MAX_NUM_CLASSES
-from smi_hub.weights import MAX_NUM_CLASSES as CONFIG_MAX_NUM_CLASSES
+from smi_hub.schema import MAX_NUM_CLASSES, validate_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -125,7 +124,9 @@ BAD = [(1.5, TypeError), (True, TypeError), ("3", TypeError), ([3], TypeError),
 
 @pytest.mark.parametrize(("value", "error"), BAD)
 def test_num_classes_uses_the_configs_range(tmp_path, value, error):
-    assert MAX_NUM_CLASSES == CONFIG_MAX_NUM_CLASSES
+    validate_config({"num_classes": MAX_NUM_CLASSES})  # the config's own upper bound
+    with pytest.raises(smi_hub.WeightsError):
+        validate_config({"num_classes": MAX_NUM_CLASSES + 1})
     with pytest.raises(error, match="must be an integer from 0"):
         smi_hub.load(num_classes=value)
     folder = smi_hub.load().save_pretrained(tmp_path / "w")
