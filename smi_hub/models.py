@@ -287,7 +287,7 @@ class SMIModel(
         """timm's ``feature_info`` of a ResNet: channels, stride and module of the stem
         activation and of each stage (the maps ``forward_intermediates`` returns). Our stem
         activation is named ``relu`` (timm's ``act1``); the small-image stem has stride 1."""
-        block = ARCHS[self.arch][0]
+        block = BLOCKS[ARCHS[self.arch][0]]
         stem = 1 if self.small_stem else 2
         info = [dict(num_chs=self.base_width, reduction=stem, module="relu")]
         for i in range(4):
