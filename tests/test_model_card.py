@@ -143,6 +143,7 @@ def test_card_timm_snippet_keeps_head_and_data_config(tmp_path, num_classes):
     out = model.save_pretrained(tmp_path / "w", name="w")
     text = (out / "README.md").read_text()
     assert f"num_classes={num_classes}" in text
+    assert num_classes == 0 or "num_classes=0" not in text  # a classifier's card keeps its head
     code = text.split("into timm:\n\n```python\n", 1)[1].split("```", 1)[0]
     code = code.replace("path/to/w", str(out))
     routes = code.split("# or from the weights file alone", 1)
