@@ -35,7 +35,6 @@ from torchvision.transforms.v2 import functional as TF
 RATIO = (3 / 4, 4 / 3)
 SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize's default, on [0, 1] values
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, as torchvision's rgb_to_grayscale
-VIEW_KEYS = ("image", "crop", "flip", "jitter", "factors", "order", "gray", "sigma", "solarize")
 
 
 @dataclass(frozen=True)
@@ -99,11 +98,21 @@ def crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def draw_color_params(rng: random.Random, spec: ViewSpec) -> dict[str, torch.Tensor]:
-    """One view's batched-op parameters: jitter on/off, factors (brightness, contrast,
-    saturation ~ U(1-s, 1+s) clipped at 0; hue ~ U(-h, h)), the order of the four jitter ops
-    (a random permutation, as ColorJitter), grayscale on/off, blur sigma (0: no blur) and
-    solarize on/off."""
+# Per-view parameters, one float32 row per view (one tensor: cheap to make and to collate).
+PARAMS = (
+    "top", "left", "height", "width", "flip",
+    "jitter", "brightness", "contrast", "saturation", "hue",
+    "order0", "order1", "order2", "order3",
+    "gray", "sigma", "solarize",
+)  # fmt: skip
+COLUMN = {name: i for i, name in enumerate(PARAMS)}
+
+
+def draw_color_params(rng: random.Random, spec: ViewSpec) -> list[float]:
+    """One view's batched-op parameters in :data:`PARAMS` order from ``jitter``: jitter
+    on/off, factors (brightness, contrast, saturation ~ U(1-s, 1+s) clipped at 0; hue ~
+    U(-h, h)), the order of the four jitter ops (a random permutation, as ColorJitter),
+    grayscale on/off, blur sigma (0: no blur), solarize on/off."""
     b, c, s, h = spec.color_jitter
     jitter = rng.random() < spec.color_jitter_prob
     order = list(range(4))
@@ -118,20 +127,34 @@ def draw_color_params(rng: random.Random, spec: ViewSpec) -> dict[str, torch.Ten
     blur = rng.random() < spec.blur_prob
     sigma = rng.uniform(*spec.blur_sigma)
     solarize = rng.random() < spec.solarize_prob
+    return [float(jitter), *factors, *order, float(gray), sigma if blur else 0.0, float(solarize)]
+
+
+def unpack(params: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Named columns of an N x len(PARAMS) parameter batch: ``crop`` (N x 4: top, left, h, w),
+    ``flip``, ``jitter``, ``factors`` (N x 4), ``order`` (N x 4), ``gray``, ``sigma``,
+    ``solarize``."""
+
+    def cols(first: str, n: int = 1) -> torch.Tensor:
+        i = COLUMN[first]
+        return params[:, i : i + n] if n > 1 else params[:, i]
+
     return {
-        "jitter": torch.tensor(jitter),
-        "factors": torch.tensor(factors, dtype=torch.float32),
-        "order": torch.tensor(order, dtype=torch.int64),
-        "gray": torch.tensor(gray),
-        "sigma": torch.tensor(sigma if blur else 0.0, dtype=torch.float32),
-        "solarize": torch.tensor(solarize),
+        "crop": cols("top", 4).long(),
+        "flip": cols("flip") > 0,
+        "jitter": cols("jitter") > 0,
+        "factors": cols("brightness", 4),
+        "order": cols("order0", 4).long(),
+        "gray": cols("gray") > 0,
+        "sigma": cols("sigma"),
+        "solarize": cols("solarize") > 0,
     }
 
 
 class CropTwoViews:
     """Worker half: RGB PIL image -> two dicts (one per view) of a uint8 ``image`` (3 x S x
-    S, cropped, resized bicubic with antialiasing, flipped) and the view's parameters for
-    :class:`BatchAugment` (``crop`` = top, left, h, w and ``flip`` are kept for inspection).
+    S, cropped, resized bicubic with antialiasing, flipped) and its ``params`` row
+    (:data:`PARAMS`; read with :func:`unpack`) for :class:`BatchAugment`.
 
     The random stream is drawn from torch's global RNG (seeded per item by
     :class:`training.data.SafeTwoViewDataset`)."""
@@ -159,14 +182,8 @@ class CropTwoViews:
             flip = rng.random() < spec.hflip_prob
             if flip:
                 view = view.flip(-1)
-            views.append(
-                {
-                    "image": view.contiguous(),
-                    "crop": torch.tensor([top, left, h, w]),
-                    "flip": torch.tensor(flip),
-                    **draw_color_params(rng, spec),
-                }
-            )
+            row = [top, left, h, w, float(flip), *draw_color_params(rng, spec)]
+            views.append({"image": view.contiguous(), "params": torch.tensor(row)})
         return tuple(views)
 
 
@@ -293,8 +310,9 @@ class BatchAugment:
 
     def __call__(self, view: dict[str, torch.Tensor]) -> torch.Tensor:
         x = view["image"].to(self.device, non_blocking=True).float().div_(255)
-        jitter, order = view["jitter"], view["order"]
-        factors = view["factors"].to(self.device, non_blocking=True)
+        p = unpack(view["params"])
+        jitter, order = p["jitter"], p["order"]
+        factors = p["factors"].to(self.device, non_blocking=True)
         for k in range(4):
             for op, fn in enumerate(JITTER_OPS):
                 self._apply(
@@ -302,12 +320,10 @@ class BatchAugment:
                     jitter & (order[:, k] == op),
                     lambda y, i, fn=fn, op=op: fn(y, factors[i.to(self.device), op]),
                 )
-        self._apply(x, view["gray"], lambda y, i: grayscale(y).expand(-1, 3, -1, -1))
-        sigma = view["sigma"]
+        self._apply(x, p["gray"], lambda y, i: grayscale(y).expand(-1, 3, -1, -1))
+        sigma = p["sigma"]
         self._apply(x, sigma > 0, lambda y, i: gaussian_blur(y, sigma[i], self.radius))
-        self._apply(
-            x, view["solarize"], lambda y, i: torch.where(y >= SOLARIZE_THRESHOLD, 1 - y, y)
-        )
+        self._apply(x, p["solarize"], lambda y, i: torch.where(y >= SOLARIZE_THRESHOLD, 1 - y, y))
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
