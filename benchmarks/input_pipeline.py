@@ -314,11 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         make_jpeg_folder(folder, args.images, processes=max(1, args.workers))
         made_s = time.perf_counter() - t0
         n = min(args.per_core_images, args.images)
+        load_before = os.getloadavg()[0]
         rows = measure_per_core(folder, n, args.repeats)
         print(table(rows), flush=True)
         result: dict[str, Any] = {
             "command": "python benchmarks/input_pipeline.py " + " ".join(argv or sys.argv[1:]),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "load_average_1min_before_and_after": [load_before, os.getloadavg()[0]],
+            },
             "torch": torch.__version__,
             "data": f"{args.images} JPEGs 500x375 quality 90 (random crops/flips of "
             "scikit-image and scikit-learn photos), made in "

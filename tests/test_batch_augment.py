@@ -146,6 +146,36 @@ def test_crop_boxes_match_torchvision_random_resized_crop(size):
     assert never == tuple(RandomResizedCrop.get_params(img, [1.0, 1.0], [3 / 4, 4 / 3]))
 
 
+def test_crop_resize_is_close_to_pil_bicubic():
+    """The workers resize crops as uint8 tensors (torchvision's antialiased bicubic); the
+    reference resizes PIL images. Measured on 20 crops: at most 0.036 grey levels apart on
+    average, at most 0.1 % of pixels more than 2 levels apart (up to 31 at a few pixels)."""
+    import random
+
+    rng = random.Random(0)
+    for name in PHOTOS:
+        im = photo(name, (500, 375))
+        x = TF.pil_to_tensor(im)
+        for _ in range(5):
+            top, left, h, w = BA.crop_box(rng, 375, 500, (0.08, 1.0))
+            ours = TF.resized_crop(
+                x,
+                top,
+                left,
+                h,
+                w,
+                [224, 224],
+                antialias=True,
+                interpolation=TF.InterpolationMode.BICUBIC,
+            ).float()
+            ref = TF.pil_to_tensor(
+                im.resize((224, 224), Image.BICUBIC, box=(left, top, left + w, top + h))
+            ).float()
+            diff = (ours - ref).abs()
+            off = (diff > 2).float().mean()
+            assert diff.mean() <= 0.05 and off <= 0.005, (name, diff.mean(), off)
+
+
 @pytest.mark.parametrize(
     ("ours", "ref", "lo", "hi"),
     [
