@@ -34,6 +34,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import smi_hub  # noqa: E402
+from smi_hub.features import _Files  # noqa: E402  (what `smi-hub extract` runs per file)
 from smi_hub.images import load_image  # noqa: E402
 from training import pretrain  # noqa: E402
 from training.batch_augment import BatchAugment  # noqa: E402
@@ -129,6 +131,12 @@ def per_core_variants(folder: Path, n: int) -> dict[str, Callable[[int], Any]]:
         for s in range(0, n, group)
     ]
 
+    eval_tf = smi_hub.get_transforms(
+        smi_hub.SMIModel(arch="resnet50", projector_dims=[], image_size=m.image_size)
+    )
+    extract_files = _Files([f for f, _ in files], eval_tf)
+    bare_tf = type(eval_tf)(eval_tf.transforms[1:])  # the same resize, crop, normalize
+
     def batched_cpu(i: int) -> None:
         if i % group == 0:
             va, vb, _ = batches[i // group]
@@ -151,6 +159,12 @@ def per_core_variants(folder: Path, n: int) -> dict[str, Callable[[int], Any]]:
             files[i][0]
         ).convert("RGB"),
         "decode only: torchvision.io.decode_jpeg": lambda i: decode_jpeg(read_file(files[i][0])),
+        "extract: smi-hub extract's per-file work (load_image + get_transforms, 224 px)": lambda i: (
+            extract_files[i]
+        ),
+        "extract floor: PIL open + convert + the same resize, crop, normalize": lambda i: bare_tf(
+            Image.open(files[i][0]).convert("RGB")
+        ),
         f"batched path, device part on this CPU (BatchAugment, batches of {group}, both views)": batched_cpu,
     }
 
