@@ -1,8 +1,8 @@
 """The two-view augmentation split in two halves: per image in the DataLoader workers, batched
 on the training device.
 
-Workers (:class:`CropTwoViews`) decode, RandomResizedCrop and flip each view to a fixed-size
-uint8 tensor and draw every other parameter of the view (colour jitter on/off, its four
+Workers decode (the source dataset, as for the ``cpu`` path), then :class:`CropTwoViews`
+RandomResizedCrops and flips each view to a fixed-size uint8 tensor and draw every other parameter of the view (colour jitter on/off, its four
 factors and their order, grayscale, blur sigma, solarize); :class:`BatchAugment` then applies
 colour jitter, grayscale, Gaussian blur, solarize and normalization to the whole batch at once
 on the training device (a GPU, or the CPU: the same code), with those per-sample parameters.
@@ -202,7 +202,7 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), factor)
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)  # a blend with black
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
