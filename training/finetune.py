@@ -232,7 +232,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: Sequence[str
     torch.manual_seed(cfg.seed)  # random init and the head's init
     model = smi_hub.load(cfg.model, pretrained=not cfg.random_init)
     model.projector, model.projector_dims = None, []
-    model.reset_classifier(num_classes, class_names)
+    model.reset_classifier(num_classes, class_names=class_names)
     with torch.no_grad():  # as Barlow Twins' and VICReg's evaluate.py
         model.fc.weight.normal_(mean=0.0, std=0.01)
         model.fc.bias.zero_()
