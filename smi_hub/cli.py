@@ -500,7 +500,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import socket
 
-    from smi_hub.serve import run
+    try:
+        from smi_hub.serve import run
+    except ImportError as e:
+        raise SMIHubError(
+            f"smi-hub serve needs FastAPI and uvicorn ({e}): pip install 'smi-hub[serve]'."
+        ) from e
 
     try:
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:

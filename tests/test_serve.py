@@ -275,3 +275,25 @@ def test_real_uvicorn_two_workers(built):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_predict_with_index_prints_the_verdict(built, tmp_path, capsys):
+    """`smi-hub predict --index` prints the out-of-domain line for an image unlike the index
+    (a strict profile: only near-copies pass) and the in-domain line for a gallery image."""
+    import shutil
+
+    import skimage.data
+
+    smi_hub.load(num_classes=3).save_pretrained(tmp_path / "clf")
+    index = tmp_path / "idx"
+    shutil.copytree(built["index"], index)
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(photo)
+    query = sorted(built["gallery"].rglob("*.png"))[0]
+    argv = ["predict", str(tmp_path / "clf"), str(photo), str(query), "--index", str(index)]
+    strict = EmbeddingIndex.load(index)
+    strict.metadata["neighbour_profile"] = {"percentiles": [0.9999] * 101}
+    strict.save(index)
+    assert main(argv) == 0
+    photo_part, query_part = capsys.readouterr().out.split(str(query))
+    assert "OUT OF DOMAIN" in photo_part and "in domain (percentile 100.0)" in query_part
