@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.localization",
             "smi_hub.gallery",
             "smi_hub.hf_datasets",
+            "smi_hub.store_export",
             "smi_hub.search_service",
         ),
     ),
