@@ -92,9 +92,10 @@ def projector(width: int, hidden: int | None) -> list[int]:
 
 
 def plan(p: dict[str, Any], seeds: list[int], tables: list[str]) -> list[dict[str, Any]]:
-    """All cells, in the order they run (sync first: its bytes are the cheapest result; the
-    batch sizes from the extremes inwards). A cell in two tables (batch 256 at the batch
-    table's width) runs once; the report picks each table's cells by their settings."""
+    """All cells, in the order they run: random init, sync (its bytes are the cheapest
+    result), then the small-hardware questions first (batch 256, 64, 128; the widest
+    projector), then the other batch sizes and widths. A cell in two tables (batch 256 at the
+    batch table's width) runs once; the report picks each table's cells by their settings."""
     cells: list[dict[str, Any]] = []
 
     def add(table: str, loss: str, batch: int, width: int, sync: str, seed: int) -> None:
@@ -106,25 +107,24 @@ def plan(p: dict[str, Any], seeds: list[int], tables: list[str]) -> list[dict[st
                  "sync": sync, "nproc": nproc, "seed": seed}
             )  # fmt: skip
 
+    bw = p["batch_width"]
+    batch = [(b, bw) for b in p["batches"]] if "batch" in tables else []
+    width = [(256, w) for w in p["widths"]] if "width" in tables else []
+    first = [s for s in [(256, bw), (64, bw), (128, bw), (256, max(p["widths"]))]
+             if s in batch + width]  # fmt: skip
     for seed in seeds:
         if "random" in tables and seed == seeds[0]:
             cells.append(
                 {"id": "random-init", "table": "random", "loss": "none", "batch": 0,
-                 "width": p["batch_width"], "sync": "single", "nproc": 1, "seed": 0}
+                 "width": bw, "sync": "single", "nproc": 1, "seed": 0}
             )  # fmt: skip
         if "sync" in tables:
             add("sync", "smi", p["sync_batch"], p["sync_width"], "local", seed)
             for loss in LOSSES:
                 add("sync", loss, p["sync_batch"], p["sync_width"], "gathered", seed)
-        if "width" in tables:
-            for w in p["widths"]:
-                for loss in LOSSES:
-                    add("width", loss, 256, w, "single", seed)
-        if "batch" in tables:
-            order = sorted(p["batches"], key=lambda b: -abs(b - statistics.median(p["batches"])))
-            for b in order:
-                for loss in LOSSES:
-                    add("batch", loss, b, p["batch_width"], "single", seed)
+        for b, w in first + batch + width:
+            for loss in LOSSES:
+                add("batch" if (b, w) in batch else "width", loss, b, w, "single", seed)
     return cells
 
 
@@ -318,8 +318,8 @@ def model_config(p: dict[str, Any], width: int) -> dict[str, Any]:
     return {**cfg, "projector_dims": projector(width, p["hidden"])}
 
 
-def run_cell(cell: dict[str, Any], p: dict[str, Any], out: Path) -> dict[str, Any]:
-    run_dir = out / "runs" / cell["id"]
+def run_cell(cell: dict[str, Any], p: dict[str, Any], runs: Path) -> dict[str, Any]:
+    run_dir = runs / cell["id"]
     t0 = time.time()
     row: dict[str, Any] = dict(cell)
     if cell["loss"] == "none":
@@ -360,7 +360,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         if cell["id"] in results["cells"]:
             continue
         print(f"[{i + 1}/{len(cells)}] {cell['id']} ...", flush=True)
-        row = run_cell(cell, p, out)
+        row = run_cell(cell, p, Path(args.runs_dir) if args.runs_dir else out / "runs")
         results["cells"][cell["id"]] = row
         atomic_write_text(path, json.dumps(results, indent=1) + "\n")
         print(
@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sync-batch", type=int)
     ap.add_argument("--eval-train", type=int)
     ap.add_argument("--eval-test", type=int)
+    ap.add_argument("--runs-dir", help="the cells' pretraining folders (default: OUT/runs)")
     ap.add_argument("--report", action="store_true", help="only write tables and plots")
     ap.add_argument("--images-dir", help="where --report writes the PNGs (default: --out)")
     args = ap.parse_args(argv)
