@@ -93,8 +93,8 @@ def projector(width: int, hidden: int | None) -> list[int]:
 
 def plan(p: dict[str, Any], seeds: list[int], tables: list[str]) -> list[dict[str, Any]]:
     """All cells, in the order they run: random init, sync (its bytes are the cheapest
-    result), then the small-hardware questions first (batch 256, 64, 128; the widest
-    projector), then the other batch sizes and widths. A cell in two tables (batch 256 at the
+    result), then the small-hardware questions first (batch 256 and 64, the widest projector,
+    batch 128), then the other batch sizes and widths. A cell in two tables (batch 256 at the
     batch table's width) runs once; the report picks each table's cells by their settings."""
     cells: list[dict[str, Any]] = []
 
@@ -110,7 +110,7 @@ def plan(p: dict[str, Any], seeds: list[int], tables: list[str]) -> list[dict[st
     bw = p["batch_width"]
     batch = [(b, bw) for b in p["batches"]] if "batch" in tables else []
     width = [(256, w) for w in p["widths"]] if "width" in tables else []
-    first = [s for s in [(256, bw), (64, bw), (128, bw), (256, max(p["widths"]))]
+    first = [s for s in [(256, bw), (64, bw), (256, max(p["widths"])), (128, bw)]
              if s in batch + width]  # fmt: skip
     for seed in seeds:
         if "random" in tables and seed == seeds[0]:
