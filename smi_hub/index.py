@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smi_hub.errors import SMIHubError
+from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import atomic_folder, recover_folder
 
 INDEX_FORMAT = 2
@@ -321,8 +322,6 @@ class EmbeddingIndex:
         doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
         """
-        from smi_hub.feature_store import FeatureStore
-
         t0 = time.perf_counter()
         if isinstance(vectors, FeatureStore):
             store = vectors
