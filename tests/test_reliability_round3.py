@@ -545,6 +545,22 @@ def test_finetune_refuses_unusable_data(tmp_path, monkeypatch, classes, test, ou
     assert not out.exists()
 
 
+def test_finetune_on_a_datasets_row_without_label_names_the_row(tmp_path, capsys):
+    """Long tail: a ``datasets`` row whose label is None (was a raw TypeError from int())."""
+    import datasets
+
+    from training import finetune as ft
+
+    images = [Image.new("RGB", (28, 28), (i * 40, 0, 0)) for i in range(4)]
+    ds = datasets.Dataset.from_dict({"image": images, "label": [0, 1, None, 1]})
+    ds = ds.cast_column("image", datasets.Image())
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "ds"))
+    argv = ["--data", "hf", "--data-path", str(tmp_path / "ds"), "--out", str(tmp_path / "o")]
+    assert ft.main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "1 row(s) have no 'label' (None; first: row 2)" in err and "Traceback" not in err
+
+
 # ---- the long tail: smi-hub arguments checked while parsing, before any work ---------------
 
 CLI_ARG_CASES = [
