@@ -394,6 +394,7 @@ def test_a_saved_index_with_nan_rows_is_refused_on_load(flat_index):
         EmbeddingIndex.load(flat_index)
 
 
+@pytest.mark.slow
 def test_extract_with_a_nan_weight_names_the_tensor(tmp_path, capsys):
     model = tiny()
     with torch.no_grad():
@@ -438,6 +439,7 @@ def test_printable_escapes_control_characters(text):
     assert printable("Ankle boot é 猫") == "Ankle boot é 猫"  # ordinary text is untouched
 
 
+@pytest.mark.slow
 def test_predict_and_search_print_class_names_escaped(tmp_path, capsys):
     evil = "\x1b[2J\x1b[31mred"
     model = tiny()
