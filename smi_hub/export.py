@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from smi_hub.errors import CheckpointError, refused_global
+from smi_hub.fileio import sha256_file
 from smi_hub.models import SMIModel, load_state_dict_strict
-from smi_hub.weights import save_weights_folder, sha256_file
+from smi_hub.weights import save_weights_folder
 
 CHECKPOINT_FORMAT = "smi-hub-checkpoint"
 CHECKPOINT_VERSION = 1

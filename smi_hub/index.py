@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from smi_hub.argtypes import in_range, parse_bytes
 from smi_hub.errors import NonFiniteError, SMIHubError
+from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import atomic_folder, recover_folder
 
 INDEX_FORMAT = 2
@@ -334,8 +335,6 @@ class EmbeddingIndex:
         doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
         """
-        from smi_hub.feature_store import FeatureStore
-
         in_range(target_recall, "target_recall", 0.0, 1.0)
         in_range(queries, "queries", 0, integer=True)
         in_range(chunk_size, "chunk_size", 1, integer=True)

@@ -28,8 +28,7 @@ import torch
 
 from smi_hub.errors import CheckpointError, refused_global
 from smi_hub.export import sidecar_path, verify_checkpoint
-from smi_hub.fileio import atomic_write, atomic_write_text, fsync_dir
-from smi_hub.weights import sha256_file
+from smi_hub.fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT = "smi-hub-checkpoint"
