@@ -334,11 +334,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         vectors = store = FeatureStore.open(args.folder)
         if len(store.row_shape) != 1:
             raise SMIHubError(
-                f"{args.folder} holds {store.manifest['layer']} maps {store.row_shape}; index "
+                f"{args.folder} holds {store.manifest.get('layer')} maps {store.row_shape}; index "
                 "pooled features (smi-hub extract --layer pooled)."
             )
         labels, failed = [str(p) for p in store.paths], store.failed
-        meta = {"model": store.manifest["model"], "layer": store.manifest["layer"]}
+        meta = {"model": store.manifest.get("model"), "layer": store.manifest.get("layer")}
     else:
         model = load(args.model, device=args.device)
         result = extract_features(

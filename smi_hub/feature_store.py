@@ -99,11 +99,13 @@ def check_manifest(manifest: Any, folder: Path) -> None:
                    "no checksum of its manifest, so its paths and counts cannot be verified)")  # fmt: skip
     if manifest["manifest_sha256"] != manifest_checksum(manifest):
         raise _bad(path, "manifest_sha256", "differs from the manifest's content")
-    types = {"shards": list, "paths": list, "failed": list, "row_shape": list, "model": str,
-             "layer": str, "dtype": str}  # fmt: skip
+    types = {"shards": list, "paths": list, "failed": list, "row_shape": list, "dtype": str}
     for key, kind in types.items():
         if not isinstance(manifest.get(key), kind):
             raise _bad(path, key, f"is {manifest.get(key)!r}, not a {kind.__name__}")
+    for key in ("model", "layer"):  # what extract_features records (a hand-made store may not)
+        if not isinstance(manifest.get(key, ""), str):
+            raise _bad(path, key, f"is {manifest[key]!r}, not a string")
     for key, low in (("inputs", 0), ("rows", 0), ("shard_size", 1)):
         if not _is_int(manifest.get(key), low):
             raise _bad(path, key, f"is {manifest.get(key)!r}, not an integer >= {low}")

@@ -401,10 +401,12 @@ def test_build_from_a_store_and_its_errors(db, tmp_path):
     writer = StoreWriter(tmp_path / "s", "synthetic", {"model": "m"}, 700)
     writer.prepare()
     for k in range(5):
-        rows = [i for i in range(k * 700, min(3000, (k + 1) * 700)) if i % 97]  # gaps
+        inputs = range(k * 700, min(3000, (k + 1) * 700))
+        rows = [i for i in inputs if i % 97]  # gaps
         rows = [] if k == 2 else rows  # a shard whose inputs all failed
+        failed = [(f"v{i}", "unreadable") for i in inputs if i not in rows]
         writer.write_shard(
-            k, db[rows].reshape(len(rows), 16), rows, [], [f"v{i}" for i in rows], []
+            k, db[rows].reshape(len(rows), 16), rows, [], [f"v{i}" for i in rows], failed
         )
     store = writer.finish(3000)
     keep = [i for i in range(3000) if i % 97 and not 1400 <= i < 2100]

@@ -296,8 +296,7 @@ STORE_CASES = [
      lambda m, f: _shard(m, 1, inputs=[5, 9])),
     ("store_shard_bytes_wrong", "`shards[2].bytes` off by one", "wrong size",
      lambda m, f: _shard(m, 2, bytes=m["shards"][2]["bytes"] + 1)),
-    ("store_model_missing", "no `model`", "model",
-     lambda m, f: _resum({k: v for k, v in m.items() if k != "model"})),
+    ("store_model_number", "`model: 4`", "model", lambda m, f: _resum({**m, "model": 4})),
     ("store_layer_number", "`layer: 4`", "layer", lambda m, f: _resum({**m, "layer": 4})),
 ]  # fmt: skip
 
