@@ -79,15 +79,23 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1, eps=1e-12)
 
 
-def check_finite(x: torch.Tensor, name: str, offset: int = 0, zero: bool = False) -> torch.Tensor:
+def check_finite(
+    x: torch.Tensor,
+    name: str,
+    offset: int = 0,
+    zero: bool = False,
+    ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x`` (N x D) unless a row holds NaN or infinity (or, with ``zero``, is all zeros: no
     direction to compare); then :class:`~smi_hub.errors.NonFiniteError` naming the rows. Such
-    a row would match every query (torch) or none (faiss), so it is refused where it enters."""
+    a row would match every query (torch) or none (faiss), so it is refused where it enters.
+    Rows are named as ``offset + position``, or ``ids[position]`` when given."""
     bad = ~torch.isfinite(x).all(dim=1)
     if zero:
         bad |= (x == 0).all(dim=1)
     if bool(bad.any()):
-        rows = (bad.nonzero().flatten() + offset).tolist()
+        found = bad.nonzero().flatten()
+        rows = (found + offset if ids is None else ids[found]).tolist()
         shown = ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
         what = "NaN, infinite or all-zero" if zero else "NaN or infinite"
         raise NonFiniteError(
@@ -362,7 +370,7 @@ class EmbeddingIndex:
                         feats = store.shard(k)["features"].reshape(hi - lo, -1)
                         out[pos : pos + len(sel)] = feats[sel - lo]
                         pos += len(sel)
-                return _normalize(check_finite(out, "sampled stored rows"))
+                return _normalize(check_finite(out, "stored rows", ids=ids))
 
         else:
             matrix = check_finite(_as_matrix(vectors, "vectors"), "vectors")

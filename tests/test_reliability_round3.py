@@ -334,19 +334,34 @@ def _with(value: float) -> torch.Tensor:
 
 NONFINITE_CASES = [
     (f"{where}_{name}", f"{where}: row 7 holds {name}", "`NonFiniteError` naming row 7", where, v)
-    for where in ("add", "build_flat", "build_ivf")
+    for where in ("add", "build_flat", "build_ivf", "build_store_flat", "build_store_ivf")
     for name, v in BAD_VALUES.items()
 ]
+
+
+def _store_of(folder: Path, x: torch.Tensor, shard_size: int = 4) -> FeatureStore:
+    """A store of ``x`` written by hand (extract_features refuses non-finite features)."""
+    from smi_hub.feature_store import StoreWriter
+
+    writer = StoreWriter(folder, "synthetic", {"model": "synthetic"}, shard_size)
+    writer.prepare()
+    for k in range(-(-len(x) // shard_size)):
+        rows = list(range(k * shard_size, min(len(x), (k + 1) * shard_size)))
+        writer.write_shard(k, x[rows], rows, [], rows, [])
+    return writer.finish(len(x))
 
 
 @pytest.mark.parametrize(
     "where,value", [c[3:] for c in NONFINITE_CASES], ids=[c[0] for c in NONFINITE_CASES]
 )
-def test_non_finite_vectors_are_refused_on_entry(where, value):
+def test_non_finite_vectors_are_refused_on_entry(where, value, tmp_path):
     x = _with(value)
     with pytest.raises(NonFiniteError, match="rows 7"):
         if where == "add":
             EmbeddingIndex().add(x)
+        elif where.startswith("build_store"):
+            store = _store_of(tmp_path / "s", x.repeat(40, 1), shard_size=300)
+            EmbeddingIndex.build(store, kind=where.split("_")[2], queries=0)
         else:
             EmbeddingIndex.build(x.repeat(40, 1), kind=where.split("_")[1], queries=0)
 
