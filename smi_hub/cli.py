@@ -178,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name for the model card (default: folder name)")
     p.add_argument("--results", nargs="+", default=[], help="extra evaluation result JSONs")
 
+    p = sub.add_parser(
+        "export-features",
+        help="feature store -> embeddings.npy + metadata.parquet (autofaiss, datasets, numpy)",
+    )
+    p.add_argument("store", help="feature store folder (smi-hub extract -o)")
+    p.add_argument("--to", required=True, dest="out_dir", help="new or empty output folder")
+    p.add_argument(
+        "--shards", action="store_true", help="also img_emb/*.npy + metadata/*.parquet per shard"
+    )
+    p.add_argument("--normalize", action="store_true", help="L2-normalize the vectors")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export there")
+
     p = sub.add_parser("predict", help="top classes of images with a fine-tuned classifier")
     p.add_argument("model", help="classifier weights folder (python -m training.finetune), repo id")
     p.add_argument("images", nargs="+", help="image files")
@@ -399,6 +411,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_features(args: argparse.Namespace) -> int:
+    from smi_hub.store_export import export_store
+
+    out = export_store(
+        args.store,
+        args.out_dir,
+        shards=args.shards,
+        normalize=args.normalize,
+        overwrite=args.overwrite,
+    )
+    info = json.loads((out / "export.json").read_text())
+    print(f"Exported {info['rows']} x {info['dim']} features of {args.store} -> {out}")
+    print(f"  {out / 'embeddings.npy'}, {out / 'metadata.parquet'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from smi_hub.export import export_checkpoint
 
@@ -535,6 +563,7 @@ COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
     "export": cmd_export,
+    "export-features": cmd_export_features,
     "predict": cmd_predict,
     "demo": cmd_demo,
     "quickstart": cmd_quickstart,

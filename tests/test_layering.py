@@ -49,6 +49,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.localization",
             "smi_hub.gallery",
             "smi_hub.hf_datasets",
+            "smi_hub.store_export",
         ),
     ),
     ("entry points", ("smi_hub", "smi_hub.cli", "hubconf", "demo.app", "demo.engine")),

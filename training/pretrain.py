@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from smi_hub.models import SMIModel
 from training import distributed as D
+from training.batch_augment import BatchAugment, CropTwoViews, view_specs
 from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -111,15 +113,17 @@ def monitor_embeddings(
     device: torch.device,
     precision: str,
     batch_size: int,
+    prepare: Callable[[Any], torch.Tensor],
 ) -> dict[str, float]:
-    """Collapse monitors of backbone and projector embeddings of a fixed set of image pairs."""
+    """Collapse monitors of backbone and projector embeddings of a fixed set of image pairs
+    (``prepare``: a loader batch of one view -> the model's input on ``device``)."""
     was_training = model.training
     model.eval()
     feats: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "pa": [], "pb": []}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
     for a, b, _ in loader:
         for key, x in (("a", a), ("b", b)):
-            x = x.to(device, memory_format=torch.channels_last)
+            x = prepare(x)
             with D.autocast(device, precision):
                 h = model.embed(x)
                 z = model.projector(h)
@@ -132,8 +136,17 @@ def monitor_embeddings(
     return out
 
 
-def build_train_dataset(cfg: PretrainConfig) -> SafeTwoViewDataset:
-    """The two-view training dataset the config describes (probed for readability)."""
+def augment_on_device(cfg: PretrainConfig, device: torch.device) -> bool:
+    """Whether the augmentations after the crop run batched on the training device
+    (``data.augment.device``: ``gpu``, or ``auto`` on CUDA)."""
+    mode = cfg.data.augment.device
+    return mode == "gpu" or (mode == "auto" and device.type == "cuda")
+
+
+def build_train_dataset(cfg: PretrainConfig, batched: bool = False) -> SafeTwoViewDataset:
+    """The two-view training dataset the config describes (probed for readability). With
+    ``batched``, workers only decode, crop and flip (:class:`CropTwoViews`); the rest is
+    :func:`view_preparer`'s :class:`BatchAugment` on the training device."""
     d = cfg.data
     base = build_source(d.source, d.path, d.split, d.image_key, d.label_key)
     idx = subset_indices(len(base), d.subset, cfg.seed)
@@ -141,8 +154,23 @@ def build_train_dataset(cfg: PretrainConfig) -> SafeTwoViewDataset:
         base = IndexedSubset(base, idx)
     check_readable(base, d.max_bad_fraction, seed=cfg.seed)
     m = cfg.model
-    transform = two_view_transform(m.image_size, m.mean, m.std, d.augment)
+    if batched:
+        transform = CropTwoViews(m.image_size, view_specs(d.augment))
+    else:
+        transform = two_view_transform(m.image_size, m.mean, m.std, d.augment)
     return SafeTwoViewDataset(base, transform, seed=cfg.seed)
+
+
+def view_preparer(
+    cfg: PretrainConfig, device: torch.device, batched: bool
+) -> Callable[[Any], torch.Tensor]:
+    """Loader batch of one view -> the model's input on ``device``: the batched augmentation
+    (``batched``), or a plain transfer of the workers' finished views."""
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    if batched:
+        m, a = cfg.model, cfg.data.augment
+        return BatchAugment(m.mean, m.std, max(a.blur_sigma), device, cfg.train.channels_last)
+    return lambda x: x.to(device, non_blocking=True).contiguous(memory_format=layout)
 
 
 def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
@@ -174,7 +202,9 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     D.barrier()
 
     torch.manual_seed(cfg.seed)
-    dataset = build_train_dataset(cfg)
+    batched = augment_on_device(cfg, device)
+    dataset = build_train_dataset(cfg, batched)
+    prepare = view_preparer(cfg, device, batched)
     sampler = ResumableSampler(len(dataset), local_bs, ws, rk, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -267,6 +297,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                 "step": 0,
                 "world_size": ws,
                 "device": str(device),
+                "augment_device": "batched on " + device.type if batched else "cpu workers",
                 "dataset_size": len(dataset),
                 "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps,
@@ -336,11 +367,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             window_t, window_n = time.time(), 0
             epoch_loss, epoch_n, epoch_skipped = 0.0, 0, 0
             for a, b, skipped in loader:
-                a = a.to(device, non_blocking=True)
-                b = b.to(device, non_blocking=True)
-                if cfg.train.channels_last:
-                    a = a.contiguous(memory_format=torch.channels_last)
-                    b = b.contiguous(memory_format=torch.channels_last)
+                a, b = prepare(a), prepare(b)
                 n_skipped = int(skipped.sum())
                 epoch_skipped += n_skipped
                 with D.autocast(device, cfg.train.precision):
@@ -437,7 +464,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             if monitor_ds is not None and is_main:
                 record.update(
                     monitor_embeddings(
-                        _unwrap(model), monitor_ds, device, cfg.train.precision, local_bs
+                        _unwrap(model), monitor_ds, device, cfg.train.precision, local_bs, prepare
                     )
                 )
             metrics.write(record)
