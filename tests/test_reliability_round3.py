@@ -108,7 +108,7 @@ def test_export_of_a_finetuning_checkpoint(tmp_path):
     from training.finetune import FinetuneConfig
 
     model = tiny()
-    model.reset_classifier(3, ["a", "b", "c"])
+    model.reset_classifier(3, class_names=["a", "b", "c"])
     ckpt = _saved_checkpoint(tmp_path, model, FinetuneConfig(out="x").to_dict())
     out = export.export_checkpoint(ckpt, tmp_path / "w")
     loaded = smi_hub.load(out)
@@ -457,7 +457,7 @@ def test_printable_escapes_control_characters(text):
 def test_predict_and_search_print_class_names_escaped(tmp_path, capsys):
     evil = "\x1b[2J\x1b[31mred"
     model = tiny()
-    model.reset_classifier(2, [evil, "b\rx"])
+    model.reset_classifier(2, class_names=[evil, "b\rx"])
     folder = smi_hub.save_weights_folder(model, tmp_path / "w")
     Image.new("L", (28, 28), 128).save(tmp_path / "q.png")
     assert main(["predict", str(folder), str(tmp_path / "q.png")]) == 0
