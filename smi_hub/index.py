@@ -40,6 +40,8 @@ from smi_hub.argtypes import in_range, parse_bytes
 from smi_hub.errors import NonFiniteError, SMIHubError
 from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import atomic_folder, recover_folder
+from smi_hub.mmap_tensors import mmap_tensor
+from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
 
 INDEX_FORMAT = 2
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -484,6 +486,11 @@ class EmbeddingIndex:
                     stacklevel=2,
                 )
         index.metadata["build"] = report
+        # the gallery's own nearest-neighbour scores, for the out-of-domain signal (smi_hub.ood)
+        profile_ids = perm[-min(n, PROFILE_QUERIES) :].sort().values
+        index.metadata["neighbour_profile"] = neighbour_profile(
+            index, rows(profile_ids), profile_ids
+        )
         return index
 
     # ---- searching -----------------------------------------------------------------------
@@ -573,8 +580,8 @@ class EmbeddingIndex:
         cls, folder: str | os.PathLike, backend: str = "torch", mmap: bool = True
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`; the vectors file must match the sha256 in
-        ``index.json``. Approximate indexes are memory-mapped unless ``mmap=False`` (and read
-        into memory by a later :meth:`add`)."""
+        ``index.json``. Indexes are memory-mapped unless ``mmap=False`` (approximate ones are
+        read into memory by a later :meth:`add`)."""
         folder = Path(folder)
         with contextlib.suppress(OSError):  # a swap killed between its renames
             recover_folder(folder)
@@ -609,7 +616,10 @@ class EmbeddingIndex:
         index.labels = list(info["labels"])
         try:
             if kind == "flat":
-                index.embeddings = load_file(str(path))["embeddings"].float()
+                mapped = mmap_tensor(path, "embeddings") if mmap else None  # shared pages
+                index.embeddings = (
+                    mapped if mapped is not None else load_file(str(path))["embeddings"].float()
+                )
                 check_finite(index.embeddings, f"vectors of {folder}")
                 count = index.embeddings.shape
                 ok = count == (info["count"], info["dim"] or 0)  # an empty index may have no dim
