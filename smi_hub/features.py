@@ -398,6 +398,7 @@ def extract_features(
     out: str | os.PathLike | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     npy: bool = False,
+    overwrite: bool = False,
 ) -> Any:
     """Features of many images with an ``SMIModel`` (or a name for :func:`smi_hub.load`).
 
@@ -423,6 +424,9 @@ def extract_features(
             shards. Returns the opened store.
         shard_size: inputs per shard (with ``out``).
         npy: with ``out``, also write ``features.npy`` (all rows) into the store folder.
+        overwrite: with ``out``, write into a folder holding other files (only the store's
+            own files are replaced; see ``smi_hub.outputs``); otherwise such a folder is
+            refused.
 
     Returns a :class:`FeatureResult` (``out=None``) or the :class:`~smi_hub.FeatureStore`.
     Unreadable files are skipped, listed in ``failed`` and reported with a warning.
@@ -474,7 +478,7 @@ def extract_features(
                 sort_keys=True,
             )
         )
-        writer = StoreWriter(out, fingerprint, header, shard_size)
+        writer = StoreWriter(out, fingerprint, header, shard_size, overwrite)
         writer.prepare()
         block = shard_size
         todo: dict[int, bool] = {}
@@ -542,6 +546,10 @@ def extract_features(
                 labels.extend(lab)
             if writer is not None and current is not None:
                 flush()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
@@ -549,6 +557,7 @@ def extract_features(
     if writer is not None:
         assert src.n is not None
         if src.n == 0:
+            writer.close()
             raise ValueError("The input holds no images.")
         store = writer.finish(src.n, npy=npy)
         if writer.rank == 0:
