@@ -277,6 +277,7 @@ class StoreWriter:
                 if not record.is_file():
                     atomic_write_text(record, _dumps({"fingerprint": self.fingerprint}))
             except OSError as e:
+                self.close()
                 raise FeatureStoreError(
                     f"Cannot write next to {self.out} ({e}); choose a writable output folder."
                 ) from e

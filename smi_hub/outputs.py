@@ -53,9 +53,17 @@ class Kind:
     marker: tuple[str, str] | None = None  # (key, value) the signature file's JSON holds
 
     def owns(self, name: str) -> bool:
+        """Whether ``name`` is one of this kind's files (or a temporary file of one of them
+        that a killed atomic write left, ``.NAME.XXXXXXXX.tmp``)."""
+        tmp = _TMP.fullmatch(name)
+        if tmp:
+            name = tmp.group(1)
         return name == self.signature or any(
             re.fullmatch(p, name) for p in self.replaced + self.kept
         )
+
+
+_TMP = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
 
 
 KINDS = {
@@ -214,19 +222,23 @@ def claim_output_dir(
     fd, lock_path = _lock(folder)
     try:
         mode = folder_mode(folder, kind, overwrite, flag)
-        _clean_stale(folder)
+        _clean_stale(folder, KINDS[kind])
     except BaseException:
         Claim(folder, kind, "new", fd, lock_path).release()
         raise
     return Claim(folder, kind, mode, fd, lock_path)
 
 
-def _clean_stale(folder: Path) -> None:
-    """Remove temporary siblings a killed run of ours left (we hold the lock, so none is live)."""
+def _clean_stale(folder: Path, kind: Kind) -> None:
+    """Remove temporary files a killed run of ours left beside and inside ``folder`` (we hold
+    the lock, so none is in use)."""
     pattern = re.compile(rf"\.{re.escape(folder.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
-    for p in folder.parent.iterdir() if folder.parent.is_dir() else []:
+    for p in folder.parent.iterdir():
         if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
+    for p in folder.iterdir() if folder.is_dir() else []:
+        if _TMP.fullmatch(p.name) and kind.owns(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink()
 
 
 @contextlib.contextmanager
@@ -234,8 +246,10 @@ def commit_folder(claim: Claim, swap: bool = True) -> Iterator[Path]:
     """Yield a temporary folder to write the new output into, then put it in place.
 
     ``swap`` and a folder holding only our files: the whole folder is exchanged atomically.
-    Otherwise file by file: the old signature file goes first, new files are renamed in,
-    stale files of our kind are removed, the new signature file comes last."""
+    Otherwise file by file: new files are renamed in, the new signature file last (until
+    then the old one's checksums no longer match, so readers refuse the folder instead of
+    mixing; the signature stays, so a re-run may finish the job), then stale files of our
+    kind are removed."""
     if swap and claim.mode != "shared":
         with atomic_folder(claim.path) as tmp:
             yield tmp
@@ -251,16 +265,15 @@ def commit_folder(claim: Claim, swap: bool = True) -> Iterator[Path]:
                 os.fsync(fh.fileno())
             os.chmod(tmp / name, 0o666 & ~current_umask())
         claim.path.mkdir(exist_ok=True)
-        (claim.path / spec.signature).unlink(missing_ok=True)
-        fsync_dir(claim.path)
         for name in new:
             if name != spec.signature:
                 os.replace(tmp / name, claim.path / name)
+        if spec.signature in new:
+            fsync_dir(claim.path)
+            os.replace(tmp / spec.signature, claim.path / spec.signature)
         for p in claim.path.iterdir():
             if p.name not in new and any(re.fullmatch(r, p.name) for r in spec.replaced):
                 p.unlink()
-        if spec.signature in new:
-            os.replace(tmp / spec.signature, claim.path / spec.signature)
         fsync_dir(claim.path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
