@@ -154,9 +154,7 @@ def folder_mode(folder: Path, kind: str, overwrite: bool, flag: str = "-o") -> s
     if not folder.exists():
         return "new"
     if not folder.is_dir():
-        raise OutputFolderError(
-            f"{folder} is a file, not a folder; choose another output folder."
-        )
+        raise OutputFolderError(f"{folder} is a file, not a folder; choose another output folder.")
     names = sorted(p.name for p in folder.iterdir())
     if not names:
         return "empty"
