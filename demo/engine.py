@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 import smi_hub
-from smi_hub.download import cache_dir
 from smi_hub.errors import ImageLoadError, SMIHubError
 from smi_hub.gallery import label_of
 from smi_hub.images import IMAGE_EXTENSIONS, check_size, list_images, load_image, to_rgb
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, list_models
-from smi_hub.weights import validate_config
+from smi_hub.schema import validate_config
+from smi_hub.settings import cache_dir
 
 CACHE_FORMAT = 1
 # query images: refused from their header, before decoding, above these (far below Pillow's

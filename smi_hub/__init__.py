@@ -21,10 +21,10 @@ from smi_hub.hf_datasets import add_embeddings
 from smi_hub.hub import load
 from smi_hub.index import EmbeddingIndex, SearchResult
 from smi_hub.localization import localization_map, overlay
-from smi_hub.models import SMIModel
+from smi_hub.models import SMIModel, load_weights_folder
 from smi_hub.registry import DEFAULT_MODEL, list_models
 from smi_hub.transforms import get_transforms
-from smi_hub.weights import load_weights_folder, save_weights_folder
+from smi_hub.weights import save_weights_folder
 
 __version__ = "0.1.0"
 

@@ -288,9 +288,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from smi_hub.hub import entry_info
     from smi_hub.registry import get_entry
 
-    print(json.dumps(get_entry(args.name).info(), indent=2))
+    print(json.dumps(entry_info(get_entry(args.name)), indent=2))
     return 0
 
 

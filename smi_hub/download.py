@@ -26,30 +26,13 @@ import zipfile
 from pathlib import Path
 
 from smi_hub.errors import ChecksumError, DownloadError, WeightsError
+from smi_hub.fileio import sha256_file
+from smi_hub.settings import cache_dir, is_offline
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 FOLDER_FILES = ("config.json", "model.safetensors", "README.md")
 _REQUIRED = ("config.json", "model.safetensors")
 USER_AGENT = "smi-hub"
-
-
-def cache_dir() -> Path:
-    """Root of smi-hub's cache: ``$SMI_HUB_CACHE`` or ``~/.cache/smi_hub`` (not created)."""
-    env = os.environ.get("SMI_HUB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "smi_hub"
-
-
-def env_flag(var: str) -> bool:
-    """True when the environment variable ``var`` is set to a true value (1, true, yes, on)."""
-    return os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def is_offline() -> bool:
-    """True when ``SMI_HUB_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value."""
-    return env_flag("SMI_HUB_OFFLINE") or env_flag("HF_HUB_OFFLINE")
 
 
 def is_url(value: object) -> bool:
@@ -223,8 +206,6 @@ def fetch_weights_url(url: str, *, sha256: str | None = None, progress: bool = T
             return _find_weights_root(done)
         entry.mkdir(parents=True, exist_ok=True)
         archive = download_file(url, entry / _url_name(url), sha256=sha256, progress=progress)
-        from smi_hub.weights import sha256_file
-
         got = sha256_file(archive)
         staging = Path(tempfile.mkdtemp(dir=entry, prefix=".extract."))
         try:
@@ -244,11 +225,9 @@ def fetch_weights_url(url: str, *, sha256: str | None = None, progress: bool = T
     base = url if url.endswith("/") else url + "/"
     entry.mkdir(parents=True, exist_ok=True)
     weights = entry / "model.safetensors"
-    if weights.is_file() and (entry / "config.json").is_file():
-        from smi_hub.weights import sha256_file
-
-        if sha256 is None or sha256_file(weights) == sha256:
-            return entry
+    cached = weights.is_file() and (entry / "config.json").is_file()
+    if cached and (sha256 is None or sha256_file(weights) == sha256):
+        return entry
     for name in FOLDER_FILES:
         want = sha256 if name == "model.safetensors" else None
         try:

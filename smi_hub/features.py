@@ -17,8 +17,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from smi_hub.errors import ImageLoadError
-from smi_hub.feature_store import DEFAULT_SHARD_SIZE
-from smi_hub.images import list_images, load_image, to_rgb
+from smi_hub.feature_store import DEFAULT_SHARD_SIZE, StoreWriter
+from smi_hub.hub import load
+from smi_hub.images import IMAGE_EXTENSIONS, list_images, load_image, to_rgb
+from smi_hub.transforms import get_transforms
 
 LAYERS = ("pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector")
 _IMAGE_KEYS = ("image", "img", "pixel_values")
@@ -242,7 +244,7 @@ def _source(data: Any, tfm: Callable) -> _Source:
         if path.is_dir():
             files = [str(p) for p in list_images(path)]
             if not files:
-                raise ValueError(f"{path} holds no image files ({', '.join(_exts())}).")
+                raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
         elif path.is_file() and path.suffix.lower() in (".txt", ".lst", ".list"):
             files = read_path_list(path)
             if not files:
@@ -431,14 +433,10 @@ def extract_features(
     Returns a :class:`FeatureResult` (``out=None``) or the :class:`~smi_hub.FeatureStore`.
     Unreadable files are skipped, listed in ``failed`` and reported with a warning.
     """
-    from smi_hub.transforms import get_transforms
-
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}.")
     model_name = str(model) if isinstance(model, str | os.PathLike) else type(model).__name__
     if isinstance(model, str | os.PathLike):
-        from smi_hub.hub import load
-
         model = load(model)
     if layer == "projector" and getattr(model, "projector", None) is None:
         raise ValueError(
@@ -457,8 +455,6 @@ def extract_features(
     block = 1 << 62
     select: Callable[[int], bool] = lambda k: True  # noqa: E731
     if out is not None:
-        from smi_hub.feature_store import StoreWriter
-
         header = {
             "model": model_name,
             "weights_sha256": weights_digest(model),
@@ -573,9 +569,3 @@ def extract_features(
     )
     paths = [name(i) for i in rows]
     return FeatureResult(features=features, paths=paths, failed=failed, labels=label_tensor)
-
-
-def _exts() -> tuple[str, ...]:
-    from smi_hub.images import IMAGE_EXTENSIONS
-
-    return IMAGE_EXTENSIONS

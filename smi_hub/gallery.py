@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from smi_hub import fashion_mnist
-from smi_hub.download import cache_dir
 from smi_hub.errors import SMIHubError
+from smi_hub.settings import cache_dir
 
 GALLERY_FORMAT = 1
 MANIFEST = "gallery.json"

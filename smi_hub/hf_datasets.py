@@ -8,6 +8,8 @@ import numpy as np
 import torch
 
 from smi_hub.errors import SMIHubError
+from smi_hub.feature_store import FeatureStore
+from smi_hub.features import FeatureResult, extract_features
 
 
 def add_embeddings(
@@ -38,9 +40,6 @@ def add_embeddings(
     """
     import datasets
     import pyarrow as pa
-
-    from smi_hub.feature_store import FeatureStore
-    from smi_hub.features import FeatureResult, extract_features
 
     if not isinstance(ds, datasets.Dataset):
         raise TypeError(

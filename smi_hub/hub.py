@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from smi_hub.download import fetch_weights_url, is_url
-from smi_hub.errors import WeightsError, WeightsNotPublishedError
-from smi_hub.models import SMIModel
-from smi_hub.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, list_models
-from smi_hub.weights import (
-    WEIGHTS_NAME,
-    build_model_from_config,
-    load_weights_folder,
-    read_config,
-    resolve_hf_folder,
-)
+from smi_hub.errors import ChecksumError, WeightsError, WeightsNotPublishedError
+from smi_hub.models import SMIModel, build_model_from_config, load_weights_folder
+from smi_hub.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, list_models, preprocessing
+from smi_hub.weights import WEIGHTS_NAME, read_config, resolve_hf_folder
 
 
 def _looks_like_path(name: str) -> bool:
@@ -50,8 +45,6 @@ def _from_entry(entry: ModelEntry, pretrained: bool, progress: bool) -> SMIModel
             )
         cfg = read_config(folder)
         if entry.sha256 and cfg.get("weights_sha256") not in (None, entry.sha256):
-            from smi_hub.errors import ChecksumError
-
             raise ChecksumError(
                 f"{folder}/config.json records sha256 {cfg.get('weights_sha256')} but the "
                 f"registry pins {entry.sha256} for {entry.name!r}: the embedded folder was "
@@ -68,6 +61,41 @@ def _from_entry(entry: ModelEntry, pretrained: bool, progress: bool) -> SMIModel
         f"then load it with smi_hub.load('weights/{entry.name}'). "
         f"smi_hub.load({entry.name!r}, pretrained=False) gives the untrained architecture."
     )
+
+
+def entry_info(entry: ModelEntry) -> dict[str, Any]:
+    """Metadata of a registry entry for ``smi-hub info``: from the weights' config.json when
+    available."""
+    cfg = entry.folder_config()
+    arch = dict(entry.model_config)
+    if cfg is not None:
+        arch = {k: cfg[k] for k in entry.model_config if k in cfg}
+    try:
+        with torch.device("meta"):
+            model = SMIModel(**arch)
+        backbone = sum(v.numel() for v in model.backbone_state_dict().values())
+        total = sum(v.numel() for v in model.state_dict().values())
+    except Exception:  # an odd config should not break `smi-hub list`
+        backbone = total = None
+    training = (cfg or {}).get("training") or {}
+    return {
+        "name": entry.name,
+        "description": entry.description,
+        "status": entry.status,
+        "available": entry.available,
+        "architecture": arch,
+        "dataset": training.get("dataset", entry.dataset),
+        "loss": training.get("loss", entry.loss),
+        "epochs": training.get("epochs", entry.epochs),
+        "results": (cfg or {}).get("results", {}),
+        "backbone_params": backbone,
+        "params_with_projector": total,
+        "weights_params": (cfg or {}).get("num_params"),
+        "recipe": entry.recipe,
+        "sha256": entry.sha256 or (cfg or {}).get("weights_sha256"),
+        "url": entry.url,
+        "preprocessing": preprocessing(arch, entry.resize_ratio),
+    }
 
 
 def load(

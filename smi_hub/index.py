@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smi_hub.errors import SMIHubError
+from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import recover_folder
 from smi_hub.outputs import claim_output_dir, commit_folder
 
@@ -322,8 +323,6 @@ class EmbeddingIndex:
         doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
         """
-        from smi_hub.feature_store import FeatureStore
-
         t0 = time.perf_counter()
         if isinstance(vectors, FeatureStore):
             store = vectors

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from smi_hub.registry import REGISTRY
+
 # data source names used in training configs -> Hugging Face dataset ids and display names
 DATASETS = {
     "fashion_mnist": ("zalando-datasets/fashion_mnist", "Fashion-MNIST"),
@@ -91,8 +93,6 @@ def card_data(config: dict[str, Any], name: str) -> Any:
 def usage_snippet(config: dict[str, Any], name: str, repo_id: str | None) -> list[str]:
     """Python lines that load these weights: by repo id when published, by registry name for
     registered models, else from the folder holding the card."""
-    from smi_hub.registry import REGISTRY
-
     if repo_id:
         source, comment = repo_id, "  # the Hugging Face repo"
     elif name in REGISTRY:

@@ -8,32 +8,44 @@ removed. The projector lives under ``projector.*``.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from smi_hub.errors import WeightsError
+from smi_hub.errors import ChecksumError, WeightsError
+from smi_hub.fileio import sha256_file
+from smi_hub.schema import (
+    ARCH_KEYS,
+    ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    default_resize_ratio,
+    validate_config,
+)
+from smi_hub.weights import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    UnverifiedWeightsWarning,
+    check_tensors,
+    read_config,
+    resolve_hf_folder,
+    save_weights_folder,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# arch -> (block type, blocks per stage)
-ARCHS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {
+    "basic": BasicBlock,
+    "bottleneck": Bottleneck,
 }
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-
-
-def default_resize_ratio(image_size: int) -> float:
-    """Evaluation resize (short side = ``image_size * ratio``, then center crop): 1.0 keeps
-    small images (up to 64 px) whole, 256/224 is ImageNet's convention."""
-    return 1.0 if image_size <= 64 else 256 / 224
 
 
 def _take_indices(n: int, indices: int | Sequence[int] | None) -> list[int]:
@@ -144,7 +156,8 @@ class SMIModel(
         self.std = [float(s) for s in std]
         self.projector_bias = bool(projector_bias)
 
-        block, blocks = ARCHS[arch]
+        kind, blocks = ARCHS[arch]
+        block = BLOCKS[kind]
         w = self.base_width
         if small_stem:
             self.conv1 = nn.Conv2d(3, w, kernel_size=3, stride=1, padding=1, bias=False)
@@ -360,8 +373,6 @@ class SMIModel(
         unless ``with_projector``; ``training``/``results`` default to those of the loaded
         weights, so a load -> save round trip keeps the provenance. A folder with files of
         others is refused unless ``overwrite`` (which replaces only the weights files)."""
-        from smi_hub.weights import save_weights_folder
-
         return save_weights_folder(
             self,
             save_directory,
@@ -406,8 +417,6 @@ class SMIModel(
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """Hugging Face mixin hook: write the smi-hub weights folder format."""
-        from smi_hub.weights import save_weights_folder
-
         save_weights_folder(self, save_directory)
 
     @classmethod
@@ -460,8 +469,6 @@ class SMIModel(
         **model_kwargs,
     ) -> SMIModel:
         """Hugging Face mixin hook: resolve the folder or repo, then load strictly."""
-        from smi_hub.weights import load_weights_folder, resolve_hf_folder
-
         folder = resolve_hf_folder(
             model_id,
             revision=revision,
@@ -510,3 +517,66 @@ def load_state_dict_strict(model: SMIModel, state_dict: dict[str, torch.Tensor])
             "Check that config.json describes the same architecture the weights were saved from."
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def build_model_from_config(config: dict[str, Any]) -> torch.nn.Module:
+    """An untrained ``SMIModel`` with the architecture described by ``config`` (validated
+    first, see :func:`validate_config`)."""
+    validate_config(config)
+    kwargs = {k: config[k] for k in ARCH_KEYS if k in config}
+    try:
+        return SMIModel(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"config.json describes an invalid architecture: {e}") from e
+
+
+def load_weights_folder(
+    folder: str | os.PathLike,
+    device: str | torch.device | None = None,
+    expected_sha256: str | None = None,
+) -> torch.nn.Module:
+    """Build the ``SMIModel`` a weights folder describes and load its weights strictly.
+
+    The sha256 of ``model.safetensors`` is checked against ``expected_sha256`` when given, else
+    against the one recorded in ``config.json``. The model is returned in eval mode.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"Weights folder {folder} does not exist or is not a directory.")
+    config = read_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise WeightsError(
+            f"{weights} not found. Weights must be a safetensors file named {WEIGHTS_NAME}; "
+            "pickled .pt/.bin files are not loaded (they can run arbitrary code)."
+        )
+    want = expected_sha256 or config.get("weights_sha256")
+    if not want:
+        warnings.warn(
+            f"{folder / CONFIG_NAME} records no weights_sha256, so {weights} cannot be "
+            "verified (corruption or tampering would go unnoticed). Re-export the folder "
+            "(smi-hub export / SMIModel.save_pretrained always record it) or pass sha256=.",
+            UnverifiedWeightsWarning,
+            stacklevel=2,
+        )
+    else:
+        got = sha256_file(weights)
+        if got != want:
+            raise ChecksumError(
+                f"sha256 of {weights} is {got}, expected {want}: the file is corrupt, truncated "
+                "or was modified. Download or export it again."
+            )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(
+            f"{weights} is not a readable safetensors file ({e}); it may be truncated or "
+            "corrupt. Download or export it again."
+        ) from e
+    model = build_model_from_config(config)
+    check_tensors(state, model.state_dict(), source=str(weights))
+    load_state_dict_strict(model, state)
+    model.weights_config = config
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smi_hub.models import IMAGENET_MEAN, IMAGENET_STD, default_resize_ratio
+from smi_hub.schema import IMAGENET_MEAN, IMAGENET_STD, default_resize_ratio
 
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "smi_resnet18_fmnist"
@@ -86,43 +86,6 @@ class ModelEntry:
             f"python -m training.evaluate knn --run-dir {run_dir}{self.eval_args}\n"
             f"smi-hub export {run_dir}/checkpoints/last.pt {out} --name {self.name}"
         )
-
-    def info(self) -> dict[str, Any]:
-        """Metadata for ``smi-hub info``: from the weights' config.json when available."""
-        from smi_hub.models import SMIModel
-
-        cfg = self.folder_config()
-        arch = dict(self.model_config)
-        if cfg is not None:
-            arch = {k: cfg[k] for k in self.model_config if k in cfg}
-        try:
-            import torch
-
-            with torch.device("meta"):
-                model = SMIModel(**arch)
-            backbone = sum(v.numel() for v in model.backbone_state_dict().values())
-            total = sum(v.numel() for v in model.state_dict().values())
-        except Exception:  # an odd config should not break `smi-hub list`
-            backbone = total = None
-        training = (cfg or {}).get("training") or {}
-        return {
-            "name": self.name,
-            "description": self.description,
-            "status": self.status,
-            "available": self.available,
-            "architecture": arch,
-            "dataset": training.get("dataset", self.dataset),
-            "loss": training.get("loss", self.loss),
-            "epochs": training.get("epochs", self.epochs),
-            "results": (cfg or {}).get("results", {}),
-            "backbone_params": backbone,
-            "params_with_projector": total,
-            "weights_params": (cfg or {}).get("num_params"),
-            "recipe": self.recipe,
-            "sha256": self.sha256 or (cfg or {}).get("weights_sha256"),
-            "url": self.url,
-            "preprocessing": preprocessing(arch, self.resize_ratio),
-        }
 
 
 def preprocessing(config: dict[str, Any], resize_ratio: float | None = None) -> dict[str, Any]:

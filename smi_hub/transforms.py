@@ -10,6 +10,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from smi_hub.images import to_rgb
+from smi_hub.registry import DEFAULT_MODEL, REGISTRY, preprocessing
+from smi_hub.weights import read_config
 
 
 class ToRGB:
@@ -23,8 +25,6 @@ class ToRGB:
 
 
 def _config_of(name_or_model: Any) -> tuple[dict[str, Any], float | None]:
-    from smi_hub.registry import REGISTRY
-
     if isinstance(name_or_model, torch.nn.Module):
         cfg = dict(getattr(name_or_model, "config", {}) or {})
         if not cfg:
@@ -42,8 +42,6 @@ def _config_of(name_or_model: Any) -> tuple[dict[str, Any], float | None]:
             entry = REGISTRY[name]
             return (entry.folder_config() or entry.model_config), entry.resize_ratio
         if os.path.isdir(name):
-            from smi_hub.weights import read_config
-
             cfg = read_config(name)
             return cfg, cfg.get("resize_ratio")
         raise KeyError(
@@ -60,8 +58,6 @@ def get_transforms(name_or_model: Any = None) -> T.Compose:
     ``image_size * resize_ratio`` (1.0 for small images, 256/224 for 224 px models), center
     crop to ``image_size``, ``ToTensor`` and ``Normalize(mean, std)``.
     """
-    from smi_hub.registry import DEFAULT_MODEL, preprocessing
-
     cfg, ratio = _config_of(DEFAULT_MODEL if name_or_model is None else name_or_model)
     p = preprocessing(cfg, ratio)
     return T.Compose(

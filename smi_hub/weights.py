@@ -1,60 +1,34 @@
 """The weights folder format: ``model.safetensors`` + ``config.json`` + ``README.md`` model card.
 
 ``save_weights_folder`` writes it (used by ``SMIModel.save_pretrained`` / ``push_to_hub`` and
-``smi-hub export``); ``load_weights_folder`` reads it back strictly, checking the format version
-and the sha256 of the weights file recorded in ``config.json``. Nothing here unpickles.
+``smi-hub export``); ``read_config`` reads and validates ``config.json``, checking the format
+version; ``smi_hub.models.load_weights_folder`` builds the model it describes and loads the
+tensors strictly, checking the sha256 recorded in ``config.json``. This module reads and writes
+files and never imports the model class. Nothing here unpickles.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from smi_hub.errors import ChecksumError, DownloadError, UnsupportedFormatError, WeightsError
+from smi_hub.errors import DownloadError, UnsupportedFormatError, WeightsError
+from smi_hub.model_card import render_model_card
 from smi_hub.outputs import Claim, claim_output_dir, commit_folder
+from smi_hub.schema import validate_config
+from smi_hub.settings import env_flag
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
-ARCH_KEYS = (
-    "arch",
-    "base_width",
-    "small_stem",
-    "projector_dims",
-    "projector_bias",
-    "image_size",
-    "mean",
-    "std",
-    "num_classes",
-    "class_names",
-)
-# sane ranges of config.json fields, checked before anything is built: a ResNet-50 of width
-# 256 is 16x the usual 64 (about 400 M parameters); larger values are refused, not allocated
-MAX_BASE_WIDTH = 256
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
-MAX_NORM = 10.0  # |mean| and std, in units of the [0, 1] pixel range
-MAX_PROJECTOR_DIM, MAX_PROJECTOR_LAYERS = 65_536, 8
-MAX_NUM_CLASSES = 100_000
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_size):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def safetensors_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -130,8 +104,6 @@ def _write_weights(
     name: str | None,
     repo_id: str | None,
 ) -> Path:
-    from smi_hub.model_card import render_model_card
-
     out = claim.path
     keep_projector = with_projector and model.projector is not None
     state = model.weights_state_dict(with_projector=keep_projector)
@@ -196,111 +168,6 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def _check_int(config: dict[str, Any], key: str, lo: int, hi: int) -> str | None:
-    value = config[key]
-    if not _is_int(value) or not lo <= value <= hi:
-        return f"{key} = {value!r}: must be an integer from {lo} to {hi:,}"
-    return None
-
-
-def _check_channels(
-    config: dict[str, Any], key: str, lo: float, hi: float, open_lo: bool
-) -> str | None:
-    value = config[key]
-    ok = (
-        isinstance(value, list | tuple)
-        and len(value) == 3
-        and all(_is_number(v) and (lo < v if open_lo else lo <= v) and v <= hi for v in value)
-    )
-    if not ok:
-        low = f"> {lo}" if open_lo else f">= {lo}"
-        return (
-            f"{key} = {value!r}: must be 3 finite numbers (one per RGB channel), each {low} "
-            f"and <= {hi}"
-        )
-    return None
-
-
-def _check_config_fields(config: dict[str, Any]) -> list[str]:
-    from smi_hub.models import ARCHS
-
-    problems: list[str | None] = []
-    if "arch" in config and not (isinstance(config["arch"], str) and config["arch"] in ARCHS):
-        problems.append(f"arch = {config['arch']!r}: must be one of {sorted(ARCHS)}")
-    if "base_width" in config:
-        problems.append(_check_int(config, "base_width", 1, MAX_BASE_WIDTH))
-    if "small_stem" in config and not isinstance(config["small_stem"], bool):
-        problems.append(f"small_stem = {config['small_stem']!r}: must be true or false")
-    if "image_size" in config:
-        problems.append(_check_int(config, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE))
-    if "mean" in config:
-        problems.append(_check_channels(config, "mean", -MAX_NORM, MAX_NORM, open_lo=False))
-    if "std" in config:
-        problems.append(_check_channels(config, "std", 0.0, MAX_NORM, open_lo=True))
-    if "projector_dims" in config:
-        dims = config["projector_dims"]
-        if (
-            not isinstance(dims, list | tuple)
-            or len(dims) > MAX_PROJECTOR_LAYERS
-            or not all(_is_int(d) and 1 <= d <= MAX_PROJECTOR_DIM for d in dims)
-        ):
-            problems.append(
-                f"projector_dims = {dims!r}: must be a list of at most {MAX_PROJECTOR_LAYERS} "
-                f"integers from 1 to {MAX_PROJECTOR_DIM:,} (empty: no projector)"
-            )
-    if config.get("num_classes") is not None:
-        problems.append(_check_int(config, "num_classes", 0, MAX_NUM_CLASSES))
-    names = config.get("class_names")
-    if names is not None and not (
-        isinstance(names, list | tuple)
-        and len(names) <= MAX_NUM_CLASSES
-        and all(isinstance(n, str) for n in names)
-    ):
-        problems.append(
-            f"class_names = {str(names)[:80]}: must be a list of at most {MAX_NUM_CLASSES:,} "
-            "strings"
-        )
-    sha = config.get("weights_sha256")
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-        problems.append(f"weights_sha256 = {sha!r}: must be 64 lowercase hex digits")
-    return [p for p in problems if p]
-
-
-def validate_config(config: dict[str, Any], source: str = "config.json") -> None:
-    """Check the architecture fields of a weights config against sane ranges before anything
-    is built (a hostile ``base_width`` would otherwise allocate terabytes).
-
-    Raises ``WeightsError`` naming each bad field, its value and the allowed range.
-    """
-    problems = _check_config_fields(config)
-    if problems:
-        raise WeightsError(
-            f"{source} has invalid values: " + "; ".join(problems) + ". Fix these fields or "
-            "re-export the weights folder (smi-hub export / SMIModel.save_pretrained)."
-        )
-
-
-def build_model_from_config(config: dict[str, Any]) -> torch.nn.Module:
-    """An untrained ``SMIModel`` with the architecture described by ``config`` (validated
-    first, see :func:`validate_config`)."""
-    from smi_hub.models import SMIModel
-
-    validate_config(config)
-    kwargs = {k: config[k] for k in ARCH_KEYS if k in config}
-    try:
-        return SMIModel(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise WeightsError(f"config.json describes an invalid architecture: {e}") from e
-
-
 class UnverifiedWeightsWarning(UserWarning):
     """A weights folder was loaded without a sha256 to check its weights file against."""
 
@@ -337,60 +204,6 @@ def check_tensors(
         )
 
 
-def load_weights_folder(
-    folder: str | os.PathLike,
-    device: str | torch.device | None = None,
-    expected_sha256: str | None = None,
-) -> torch.nn.Module:
-    """Build the ``SMIModel`` a weights folder describes and load its weights strictly.
-
-    The sha256 of ``model.safetensors`` is checked against ``expected_sha256`` when given, else
-    against the one recorded in ``config.json``. The model is returned in eval mode.
-    """
-    from smi_hub.models import load_state_dict_strict
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise WeightsError(f"Weights folder {folder} does not exist or is not a directory.")
-    config = read_config(folder)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise WeightsError(
-            f"{weights} not found. Weights must be a safetensors file named {WEIGHTS_NAME}; "
-            "pickled .pt/.bin files are not loaded (they can run arbitrary code)."
-        )
-    want = expected_sha256 or config.get("weights_sha256")
-    if not want:
-        warnings.warn(
-            f"{folder / CONFIG_NAME} records no weights_sha256, so {weights} cannot be "
-            "verified (corruption or tampering would go unnoticed). Re-export the folder "
-            "(smi-hub export / SMIModel.save_pretrained always record it) or pass sha256=.",
-            UnverifiedWeightsWarning,
-            stacklevel=2,
-        )
-    else:
-        got = sha256_file(weights)
-        if got != want:
-            raise ChecksumError(
-                f"sha256 of {weights} is {got}, expected {want}: the file is corrupt, truncated "
-                "or was modified. Download or export it again."
-            )
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(
-            f"{weights} is not a readable safetensors file ({e}); it may be truncated or "
-            "corrupt. Download or export it again."
-        ) from e
-    model = build_model_from_config(config)
-    check_tensors(state, model.state_dict(), source=str(weights))
-    load_state_dict_strict(model, state)
-    model.weights_config = config
-    if device is not None:
-        model.to(device)
-    return model.eval()
-
-
 def _network_errors() -> tuple[type[BaseException], ...]:
     """Connection and timeout errors of the HTTP clients huggingface_hub may be built on
     (httpx2 / httpx in recent versions, requests in older ones), plus Python's own."""
@@ -413,8 +226,6 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def _hf_offline() -> bool:
     """True when huggingface_hub runs in offline mode (``HF_HUB_OFFLINE``)."""
     from huggingface_hub import constants
-
-    from smi_hub.download import env_flag
 
     return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or env_flag("HF_HUB_OFFLINE")
 

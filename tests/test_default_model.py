@@ -10,9 +10,9 @@ from PIL import Image
 
 import smi_hub
 from smi_hub import fashion_mnist
+from smi_hub.fileio import sha256_file
 from smi_hub.index import EmbeddingIndex
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY
-from smi_hub.weights import sha256_file
 
 
 @pytest.fixture(scope="module")

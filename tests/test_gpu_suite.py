@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smi_hub.weights import load_weights_folder
+from smi_hub.models import load_weights_folder
 
 ROOT = Path(__file__).parents[1]
 

@@ -30,8 +30,9 @@ from smi_hub import (
     WeightsError,
     WeightsNotPublishedError,
 )
+from smi_hub.fileio import sha256_file
+from smi_hub.hub import entry_info
 from smi_hub.registry import REGISTRY, get_entry
-from smi_hub.weights import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
@@ -103,10 +104,10 @@ def test_list_models_and_entries():
         entry = get_entry(name)
         assert (REPO / entry.recipe).is_file(), entry.recipe
         assert entry.url is None  # nothing invented
-        info = entry.info()
+        info = entry_info(entry)
         assert info["preprocessing"]["center_crop"] == entry.model_config["image_size"]
         assert info["backbone_params"] > 0
-    r50 = get_entry("smi_resnet50_imagenet").info()
+    r50 = entry_info(get_entry("smi_resnet50_imagenet"))
     assert r50["backbone_params"] == sum(
         p.numel() for k, p in _torchvision_r50_state().items() if not k.startswith("fc.")
     )

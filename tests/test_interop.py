@@ -216,7 +216,7 @@ m = smi_hub.SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_d
                      image_size=28)
 smi_hub.save_weights_folder(m, sys.argv[1], training={"b": 1, "a": {"y": 2, "x": 3}},
                             results={"knn_top1": 50.0})
-print(smi_hub.weights.sha256_file(sys.argv[1] + "/model.safetensors"))
+print(smi_hub.fileio.sha256_file(sys.argv[1] + "/model.safetensors"))
 """
 
 

@@ -247,7 +247,8 @@ except WeightsError as e:
 
 def test_projector_bias_round_trips_through_a_weights_folder(tmp_path):
     """VICReg's projector has hidden biases: the option must survive save + strict load."""
-    from smi_hub.weights import load_weights_folder, save_weights_folder
+    from smi_hub.models import load_weights_folder
+    from smi_hub.weights import save_weights_folder
 
     model = SMIModel(
         arch="resnet18", base_width=8, small_stem=True, projector_dims=[32, 16],

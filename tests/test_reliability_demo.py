@@ -17,8 +17,8 @@ from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
 
 import smi_hub
+from smi_hub.fileio import sha256_file
 from smi_hub.gallery import default_gallery
-from smi_hub.weights import sha256_file
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),

@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 import smi_hub
 from smi_hub.cli import main
 from smi_hub.errors import ChecksumError, ImageLoadError, UnsupportedFormatError, WeightsError
+from smi_hub.fileio import sha256_file
 from smi_hub.images import decode_cost, list_images, load_image, to_rgb
-from smi_hub.weights import UnverifiedWeightsWarning, read_config, sha256_file
+from smi_hub.weights import UnverifiedWeightsWarning, read_config
 
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
 

@@ -215,7 +215,7 @@ def test_bad_setting_is_refused_naming_key_value_and_range(overrides, fragments)
 
 def test_the_largest_model_that_trains_also_loads():
     """Training accepts no architecture the weights loader would refuse at export/load time."""
-    from smi_hub.weights import (
+    from smi_hub.schema import (
         MAX_BASE_WIDTH,
         MAX_IMAGE_SIZE,
         MAX_PROJECTOR_DIM,

@@ -18,23 +18,29 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import smi_hub
+import smi_hub.models as models_module
 import smi_hub.weights as weights_module
 from smi_hub.errors import ChecksumError, DownloadError, UnsupportedFormatError, WeightsError
-from smi_hub.models import ARCHS
+from smi_hub.fileio import sha256_file
+from smi_hub.models import build_model_from_config, load_weights_folder
+from smi_hub.schema import ARCHS, validate_config
 from smi_hub.weights import (
     UnverifiedWeightsWarning,
-    build_model_from_config,
-    load_weights_folder,
     read_config,
     resolve_hf_folder,
-    sha256_file,
     timm_architecture,
-    validate_config,
 )
 
 # mutmut runs each function of a mutated module through a wrapper (more frames between a
-# warning and its caller): there the warnings' stacklevel is checked through a spy instead
-UNDER_MUTMUT = load_weights_folder.__code__.co_filename != weights_module.__file__
+# warning and its caller): there the warnings' stacklevel is checked through a spy instead.
+# The warnings come from load_weights_folder (smi_hub/models.py) and check_tensors (weights.py)
+UNDER_MUTMUT = any(
+    f.__code__.co_filename != module.__file__
+    for f, module in (
+        (load_weights_folder, models_module),
+        (weights_module.check_tensors, weights_module),
+    )
+)
 FIX = (
     ". Fix these fields or re-export the weights folder (smi-hub export / "
     "SMIModel.save_pretrained)."

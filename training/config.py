@@ -23,8 +23,16 @@ import torch
 import yaml
 
 from smi_hub.fileio import atomic_write_text
-from smi_hub.models import ARCHS, IMAGENET_MEAN, IMAGENET_STD
-from smi_hub.weights import MAX_BASE_WIDTH, MAX_IMAGE_SIZE, MAX_PROJECTOR_DIM, MIN_IMAGE_SIZE
+from smi_hub.schema import (
+    ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_BASE_WIDTH,
+    MAX_IMAGE_SIZE,
+    MAX_PROJECTOR_DIM,
+    MIN_IMAGE_SIZE,
+)
+from training.losses import build_loss
 
 LOSS_NAMES = ("smi", "barlow_twins", "vicreg")
 SOURCES = ("fashion_mnist", "imagefolder", "hf")
@@ -443,8 +451,6 @@ def check_runtime(cfg: PretrainConfig) -> None:
 
 
 def _check_loss(loss: LossConfig) -> None:
-    from training.losses import build_loss
-
     allowed = LOSS_KWARGS[loss.name]
     for k, v in loss.kwargs.items():
         key = f"loss.kwargs.{k}"

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from smi_hub.fileio import atomic_write
+from smi_hub.hub import load as hub_load
 from smi_hub.images import to_rgb
-from smi_hub.models import SMIModel
+from smi_hub.models import SMIModel, load_weights_folder
+from smi_hub.registry import preprocessing
 from training.checkpoint import find_latest, load_checkpoint
 from training.data import DataError, IndexedSubset, build_source, eval_transform, subset_indices
 from training.probes import EvalError, progress_bar
@@ -52,9 +54,6 @@ def load_model(
     (its newest checkpoint) or ``random_init`` (architecture from the other arguments or
     ``model_config``, weights drawn with ``seed``: the random-initialisation baseline).
     """
-    from smi_hub.hub import load as hub_load
-    from smi_hub.weights import load_weights_folder
-
     if run_dir and not checkpoint and not weights:
         found = find_latest(Path(run_dir) / "checkpoints")
         if found is None and not random_init:
@@ -104,8 +103,6 @@ def default_resize_ratio(model: SMIModel) -> float:
     then center crop ``image_size``. From its ``pretrained_cfg`` (timm's ``crop_pct`` =
     1 / ratio, or a recorded ``resize_ratio``), else ``smi_hub.registry.preprocessing`` of
     its config (256/224 for 224 px models, 1.0 up to 64 px)."""
-    from smi_hub.registry import preprocessing
-
     pre = getattr(model, "pretrained_cfg", None) or {}
     recorded = pre.get("resize_ratio")
     if recorded is None and pre.get("crop_pct"):

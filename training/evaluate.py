@@ -46,7 +46,9 @@ from typing import Any
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
+from smi_hub.weights import save_weights_folder
 from training.checkpoint import CheckpointError
+from training.config import load_config
 from training.data import DataError, IndexedSubset, subset_indices
 from training.eval_data import (
     Transformed,
@@ -56,6 +58,7 @@ from training.eval_data import (
     labelled_source,
     load_model,
 )
+from training.finetune import FinetuneConfig, finetune, select_label_subset
 from training.probes import (
     EvalError,
     knn_classify,
@@ -270,8 +273,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shots = _parse_shots(args.shots) if args.protocol == "transfer" else ()
     model_config = None
     if args.config:
-        from training.config import load_config
-
         model_config = load_config(args.config).to_dict()["model"]
     model, origin = load_model(
         args.checkpoint, args.weights, args.run_dir, args.random_init, model_config, args.seed
@@ -425,9 +426,6 @@ def _run_semisup(
 ) -> dict[str, float]:
     """``semisup``: fine-tune backbone + head on a fixed class-balanced label subset, with the
     references' settings, through ``training.finetune`` (the one fine-tuning loop)."""
-    from smi_hub.weights import save_weights_folder
-    from training.finetune import FinetuneConfig, finetune, select_label_subset
-
     recipe = args.recipe or "vicreg"
     if recipe == "fast":
         raise EvalError("semisup --protocol takes barlow_twins or vicreg (whose settings).")

@@ -36,7 +36,8 @@ from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from training.checkpoint import CheckpointError
-from training.data import DataError, two_view_transform
+from training.config import AugmentConfig, ConfigError, load_config
+from training.data import DataError, eval_transform, two_view_transform
 from training.eval_data import Transformed, default_resize_ratio, labelled_source, load_model
 from training.monitors import alignment, effective_rank, uniformity
 from training.probes import EvalError
@@ -112,9 +113,6 @@ def measure(
     """``{space: metrics}`` for the backbone (and projector, if any) of ``model``.
 
     The same ``subset`` of images and the same augmented views (``seed``) for every model."""
-    from training.config import AugmentConfig
-    from training.data import eval_transform
-
     model.eval()
     base = labelled_source(source, path, split, subset, seed)
     centre_tf = eval_transform(model.image_size, model.mean, model.std, default_resize_ratio(model))
@@ -128,8 +126,6 @@ def measure(
 
 def _load(spec: str, seed: int) -> SMIModel:
     if spec.startswith("random:"):
-        from training.config import load_config
-
         cfg = load_config(spec[len("random:") :]).to_dict()["model"]
         return load_model(random_init=True, model_config=cfg, seed=seed)[0]
     if spec.endswith(".pt"):
@@ -195,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON of all metrics (and spectra)")
     p.add_argument("--plot", help="PNG of the backbone variance spectra")
     args = p.parse_args(argv)
-    from training.config import ConfigError, load_config
-
     try:
         augment = load_config(args.config).data.augment
         results = {}
