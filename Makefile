@@ -22,10 +22,12 @@ data:
 	  ( $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist )
 
 # What a GPU machine without network needs beside the checkout (docs/benchmarks.md, GPU):
-# Fashion-MNIST and the commit id in data/ (ignored; send it with carry=["data"]).
+# Fashion-MNIST, the photos of scikit-image/-learn and the commit id in data/ (ignored; send it
+# with carry=["data"]).
 gpu-data: data
 	mkdir -p data/fashion-mnist
 	cp /usr/share/datasets/fashion-mnist/*-ubyte.gz data/fashion-mnist/
+	$(BIN)/python benchmarks/input_pipeline.py --save-photos  # data/photos/*.png (input_pipeline)
 	{ git rev-parse HEAD; git status --porcelain --untracked-files=no | grep -q . && \
 	  echo "uncommitted changes at $$(date -u +%FT%TZ)" || true; } > data/COMMIT
 

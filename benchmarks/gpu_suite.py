@@ -24,6 +24,11 @@ Steps, in this order (``--steps`` picks some):
   (``smi_hub.export.export_checkpoint``, what ``smi-hub export`` runs) and the comparison with the
   embedded default model's k-NN accuracy.
 
+Not in the default run (the steps above fill a 10-minute command): ``input_pipeline``
+(``--steps input_pipeline``): ``benchmarks/input_pipeline.py`` on 20,000 JPEGs it makes: the
+per-core cost of today's worker pipeline against the batched one, then paper-scale pretraining
+steps fed from the files (batched augmentation on the GPU) against the same steps alone.
+
 Each step has a time budget: a step checks it between measurements and stops with what it has
 measured (status ``timed_out``); a step still running at budget + grace is interrupted
 (SIGALRM). The JSON is rewritten atomically after every measurement, so a killed run still
@@ -76,9 +81,11 @@ def _sibling(name: str) -> types.ModuleType:
 
 extract_bench = _sibling("extract")
 loss_cost = _sibling("loss_cost")
+input_bench = _sibling("input_pipeline")
 train_bench = _sibling("train_step")
 
 STEPS = ("environment", "train_step", "loss_cost", "extraction", "fmnist_training")
+EXTRA_STEPS = ("input_pipeline",)
 LOSSES = ("smi", "barlow_twins", "vicreg")
 # Seconds per step on the GPU: 515 s in all; with the interrupt grace and start-up the suite
 # ends within 9.5 minutes, inside the GPU machine's 10-minute limit per command.
@@ -89,6 +96,9 @@ BUDGETS = {
     "extraction": 45,
     "fmnist_training": 290,
 }
+# Steps run only when named with --steps, each with its own budget.
+EXTRA_BUDGETS = {"input_pipeline": 300}
+QUICK_EXTRA_BUDGETS = {"input_pipeline": 120}
 QUICK_BUDGETS = {
     "environment": 20,
     "train_step": 60,
@@ -126,6 +136,14 @@ EXTRACT = {
     "full": {"arch": "resnet50", "image_size": 224, "images": 2048, "batch_size": 256},
     "quick": {"arch": "resnet18", "image_size": 32, "images": 64, "batch_size": 32},
 }
+INPUT = {
+    "full": {"images": 20_000, "per_core_images": 200, "repeats": 2, "batch_size": 256,
+             "steps": 40, "model": input_bench.PAPER_MODEL},
+    "quick": {"images": 32, "per_core_images": 8, "repeats": 1, "batch_size": 8, "steps": 2,
+              "model": {"arch": "resnet18", "base_width": 8, "small_stem": True,
+                        "image_size": 32, "projector": [64, 64, 64], "precision": "bf16",
+                        "channels_last": False}},
+}  # fmt: skip
 FMNIST_CONFIG = "training/configs/fmnist_resnet18_smi.yaml"
 FMNIST_TRAIN_IMAGES = 60_000
 PART_BYTES = 15 * 2**20  # $OUT returns files of at most 16 MiB
@@ -829,26 +847,67 @@ def step_fmnist(step: Step) -> None:
 # main
 # --------------------------------------------------------------------------------------------
 
+
+def step_input_pipeline(step: Step) -> None:
+    cfg = INPUT[step.suite.mode]
+    res = step.result
+    workers = 2 if step.quick else os.cpu_count() or 1
+    res["settings"] = {
+        **{k: v for k, v in cfg.items() if k != "model"},
+        "model": cfg["model"],
+        "workers": workers,
+        "data": "JPEGs 500x375 quality 90 made by benchmarks/input_pipeline.py (random "
+        "crops/flips of scikit-image / scikit-learn photos, or data/photos/)",
+        "per_core": "one process, one torch thread, variants interleaved, best of repeats",
+        "end_to_end": "DataLoader workers decode + crop (CropTwoViews), BatchAugment on the "
+        "device, then the Runner's full step (benchmarks/train_step.py, SMI, LARS); step only: "
+        "the same Runner on one prepared batch; eager",
+    }
+    folder = Path(step.args.work_dir) / "jpegs"
+    t0 = time.perf_counter()
+    input_bench.make_jpeg_folder(folder, cfg["images"], processes=workers)
+    res["make_jpegs_s"] = round(time.perf_counter() - t0, 1)
+    step.save()
+    step.check()
+    res["per_core"] = input_bench.measure_per_core(folder, cfg["per_core_images"], cfg["repeats"])
+    step.save()
+    step.check()
+    res["end_to_end"] = input_bench.measure_end_to_end(
+        folder,
+        step.device,
+        cfg["model"],
+        cfg["batch_size"],
+        workers,
+        cfg["steps"],
+        deadline=time.perf_counter() + step.left() - 5,
+    )
+    step.save()
+
+
 STEP_FUNCTIONS: dict[str, Callable[[Step], None]] = {
     "environment": step_environment,
     "train_step": step_train,
     "loss_cost": step_loss_cost,
     "extraction": step_extraction,
     "fmnist_training": step_fmnist,
+    "input_pipeline": step_input_pipeline,
 }
 
 
 def budgets(args: argparse.Namespace) -> dict[str, float]:
     """Per-step seconds: the defaults of the mode, scaled to ``--budget-s`` when given, then
     ``--budget STEP=SECONDS`` overrides."""
-    base = {s: float((QUICK_BUDGETS if args.quick else BUDGETS)[s]) for s in args.steps}
+    table = {**QUICK_BUDGETS, **QUICK_EXTRA_BUDGETS} if args.quick else {**BUDGETS, **EXTRA_BUDGETS}
+    base = {s: float(table[s]) for s in args.steps}
     if args.budget_s:
         scale = args.budget_s / sum(base.values())
         base = {s: v * scale for s, v in base.items()}
     for item in args.budget:
         name, _, value = item.partition("=")
         if name not in STEP_FUNCTIONS or not value:
-            raise SystemExit(f"--budget {item!r}: write STEP=SECONDS, STEP one of {STEPS}")
+            raise SystemExit(
+                f"--budget {item!r}: write STEP=SECONDS, STEP one of {STEPS + EXTRA_STEPS}"
+            )
         base[name] = float(value)
     return base
 
@@ -875,6 +934,17 @@ def summary(data: dict[str, Any]) -> str:
             f"  extract {r['variant']:<48} {r['extract_features_images_per_s']:>9.1f} img/s "
             f"ratio {r['ratio']:.3f}"
         )
+    pipe = steps.get("input_pipeline", {}).get("result", {})
+    for r in pipe.get("per_core", []):
+        lines.append(
+            f"  input {r['variant'][:60]:<60} {r['ms_per_image_per_core']:>8.2f} ms/img/core"
+        )
+    e2e = pipe.get("end_to_end")
+    if e2e:
+        lines.append(
+            f"  input end-to-end {e2e['images_per_s_end_to_end']} img/s vs step only "
+            f"{e2e['images_per_s_step_only']} ({e2e['end_to_end_over_step_only']})"
+        )
     comp = steps.get("fmnist_training", {}).get("result", {}).get("comparison")
     if comp:
         lines.append(
@@ -888,7 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="results JSON (rewritten after every step)")
     p.add_argument("--quick", action="store_true", help="CPU dry run at tiny sizes (CI)")
-    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    p.add_argument("--steps", nargs="+", choices=STEPS + EXTRA_STEPS, default=list(STEPS))
     p.add_argument("--budget-s", type=float, help="total seconds, shared as the defaults are")
     p.add_argument("--budget", action="append", default=[], help="STEP=SECONDS (repeatable)")
     p.add_argument("--grace-s", type=float, default=10.0, help="interrupt a step this late")

@@ -173,6 +173,7 @@ def build_app(
     models: Sequence[str | os.PathLike] = (),
     allow_any_model: bool = False,
     max_pixels: int = core.MAX_PIXELS,
+    index: str | os.PathLike | None = None,
 ) -> gr.Blocks:
     """The demo page for ``model`` (name, path or ``SMIModel``; None: the embedded default) and
     ``gallery`` (folder; None: the default Fashion-MNIST gallery). The page can switch to the
@@ -192,6 +193,7 @@ def build_app(
             models=models,
             allow_any_model=allow_any_model,
             max_pixels=max_pixels,
+            index=index,
         )
 
     def run_search(image: Any, k: int, map_type: str, alpha: float) -> tuple[Any, Any, str]:
@@ -291,7 +293,9 @@ def launch(
 ) -> Any:
     """Start the server on ``host:port`` (local only, no share link, no analytics)."""
     engine: core.SearchEngine | None = getattr(app, "smi_engine", None)
-    allowed = [str(engine.gallery)] if engine is not None and engine.gallery else []
+    # only the gallery images the page shows by path (its examples), never the folder: other
+    # files beside them, hidden folders and the cache stay private (#18 item 9)
+    allowed = core.example_images(engine) if engine is not None else []
     return app.launch(
         server_name=host,
         server_port=port,
@@ -325,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gallery", default=None, help="folder of images (default: Fashion-MNIST test images)"
+    )
+    p.add_argument(
+        "--index", default=None, help="index folder (smi-hub index) to search, not re-extracted"
     )
     p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -365,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.index and args.gallery:
+        print("smi-hub demo: error: give --index or --gallery, not both.", file=sys.stderr)
+        return 2
     models = args.model or []
     app = build_app(
         model=models[0] if models else None,
@@ -372,6 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models=models[1:],
         allow_any_model=args.allow_any_model,
         max_pixels=args.max_pixels,
+        index=args.index,
     )
     engine: core.SearchEngine = app.smi_engine  # type: ignore[attr-defined]
     for problem in (engine.model_error, engine.gallery_error):

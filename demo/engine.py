@@ -25,8 +25,10 @@ import smi_hub
 from smi_hub.errors import ImageLoadError, SMIHubError
 from smi_hub.gallery import label_of
 from smi_hub.images import IMAGE_EXTENSIONS, check_size, list_images, load_image, to_rgb
+from smi_hub.ood import PROFILE_QUERIES, Verdict, neighbour_profile, verdict
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, list_models
 from smi_hub.schema import validate_config
+from smi_hub.search_service import SearchService
 from smi_hub.settings import cache_dir
 
 CACHE_FORMAT = 1
@@ -54,6 +56,7 @@ _MODEL_STATE = (
     "skipped",
     "probe",
     "classes",
+    "profile",
 )
 
 
@@ -146,6 +149,10 @@ class SearchEngine:
             available here and ``model``.
         allow_any_model: let the page load any name, folder, Hugging Face repo id or URL
             (off: only the offered models; see :meth:`may_load`).
+        index: an index folder (``smi-hub index``, any kind) to search instead of a gallery
+            folder: nothing is extracted, the searches go through
+            :class:`smi_hub.search_service.SearchService` (as ``smi-hub serve``), and the
+            model is the index's own (or ``model``).
 
     A model or gallery that cannot be used does not raise here: the problem is kept in
     ``model_error`` / ``gallery_error``, shown in :meth:`status_markdown` and raised as
@@ -163,6 +170,7 @@ class SearchEngine:
         progress: bool = True,
         models: Sequence[str | os.PathLike] = (),
         allow_any_model: bool = False,
+        index: str | os.PathLike | None = None,
     ) -> None:
         self.lock = threading.RLock()
         self.cache_root = Path(cache_root) if cache_root is not None else cache_dir() / "demo"
@@ -185,9 +193,34 @@ class SearchEngine:
         self.skipped: list[tuple[str, str]] = []
         self.probe: torch.nn.Linear | None = None
         self.classes: list[str] = []
+        self.profile: dict[str, Any] = {}  # the gallery's own nearest-neighbour scores
+        self.service: SearchService | None = None
+        if index is not None:
+            self._open_index(index, model)
+            return
         self.set_gallery(gallery)
         with contextlib.suppress(DemoError):  # kept in model_error; the page shows it
             self.set_model(model)
+
+    def _open_index(self, index: str | os.PathLike, model: Any) -> None:
+        """Serve an index folder: its model (or ``model``), no gallery folder, no extraction."""
+        name = str(model) if isinstance(model, str | os.PathLike) else None
+        try:
+            service = SearchService(
+                index, name, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes
+            )
+            paths = (service.gallery_path(i) for i in range(min(len(service), 1000)))
+            self.files = [Path(p) for p in paths if p is not None]
+            self.self_check(service.model)
+        except (DemoError, SMIHubError, OSError) as e:
+            self.model_error = f"Could not open the index {index}: {e}"
+            return
+        self.service, self.model, self.model_name = service, service.model, service.model_name
+        self.model_key = model_sha256(service.model)
+        self.index, self.index_dir = service.index, service.index_dir
+        self.offered = [service.model_name]
+        self._build_probe()
+        self.profile = service.profile
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -263,6 +296,11 @@ class SearchEngine:
             if isinstance(model, torch.nn.Module)
             else str(model or DEFAULT_MODEL).strip()
         )
+        if self.service is not None:
+            raise DemoError(
+                f"This page serves the index {self.index_dir}, built with "
+                f"{self.service.model_name}; another model's queries cannot search it."
+            )
         try:
             loaded = (
                 model
@@ -349,11 +387,17 @@ class SearchEngine:
 
     def _build_probe(self) -> None:
         """A linear probe for Grad-CAM: the normalized mean embedding of each gallery class."""
-        assert self.index is not None and self.gallery is not None
+        assert self.index is not None
         self.probe, self.classes = None, []
-        if len(self.index) == 0:
+        if len(self.index) == 0 or self.index.embeddings is None:  # approximate: no probe
             return
-        labels = [class_label(self.gallery / p, self.gallery) for p in self.index.labels]
+        ids = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(0))
+        ids = ids[:PROFILE_QUERIES].sort().values
+        self.profile = neighbour_profile(self.index, self.index.embeddings[ids], ids)
+        if self.gallery is not None:
+            labels = [class_label(self.gallery / p, self.gallery) for p in self.index.labels]
+        else:
+            labels = [label_of(str(p)) for p in self.index.labels]
         self.classes = sorted(set(labels))
         rows = torch.tensor([self.classes.index(x) for x in labels])
         means = torch.zeros(len(self.classes), self.index.embeddings.shape[1])
@@ -415,6 +459,13 @@ class SearchEngine:
         with self.lock:
             model, index = self._ready()
             feats = smi_hub.extract_features(model, [pil], progress=False).features
+            if self.service is not None:  # the code path of `smi-hub serve`
+                answer = self.service.search_vector(feats[0], k=max(1, int(k)))
+                matches = [
+                    Match(Path(r["path"] or r["label"]), r["label"], r["score"])
+                    for r in answer["results"]
+                ]
+                return pil, feats[0], matches
             found = index.search(feats, k=max(1, int(k)))
             assert self.gallery is not None
             matches = [
@@ -443,7 +494,8 @@ class SearchEngine:
             kw: dict[str, Any] = {}
             note = "similarity to the query's embedding"
             if method == "gradcam":
-                assert self.probe is not None
+                if self.probe is None:
+                    raise DemoError("Grad-CAM needs the stored vectors of a flat index.")
                 with torch.no_grad():
                     target = int(self.probe(embedding[None].float())[0].argmax())
                 kw = {"probe": self.probe, "target": target}
@@ -459,6 +511,11 @@ class SearchEngine:
                 except (ImageLoadError, OSError):
                     nmaps.append(None)  # a gallery file changed since indexing: show it plain
         return qmap, nmaps, note
+
+    def verdict(self, matches: Sequence[Match]) -> Verdict:
+        """Whether the best match is in the gallery's usual range (:mod:`smi_hub.ood`)."""
+        profile = self.service.profile if self.service is not None else self.profile
+        return verdict(matches[0].score, profile) if matches else Verdict(None, None)
 
     # ---- what the page shows -----------------------------------------------------------------
 
@@ -484,6 +541,20 @@ class SearchEngine:
             f"Top {len(matches)} of {len(self.index or [])} gallery images; nearest: {top}. "
             f"Maps: {note}."
         )
+        v = self.verdict(matches)
+        if v.in_domain is False:
+            status = (
+                f"**Out of domain: this image is unlike anything in the gallery.** Its best "
+                f"match ({matches[0].score:.3f}) is at percentile {v.percentile:.1f} of the "
+                "gallery's own nearest-neighbour scores: the neighbours below are the least "
+                "unlike, not similar.  \n" + status
+            )
+        elif v.in_domain:
+            status = (
+                f"In domain: the best match is at percentile {v.percentile:.1f} of the "
+                "gallery's own nearest-neighbour scores (in the gallery's usual range).  \n"
+                + status
+            )
         return items, render(pil, qmap, alpha), status
 
     def status_markdown(self) -> str:
@@ -499,7 +570,14 @@ class SearchEngine:
                 f"{getattr(self.model, 'num_features', '?')}-d features; weights sha256 "
                 f"`{_short(self.model_key)}`)"
             )
-        if self.gallery_error is not None:
+        if self.service is not None:
+            build = self.index.metadata.get("build", {}) if self.index is not None else {}
+            recall = build.get("recall_at_10", 1.0 if self.service.index.kind == "flat" else "?")
+            lines.append(
+                f"**Index:** `{self.index_dir}`: {len(self.service)} images, "
+                f"{self.service.index.factory} (recall@10 {recall} at build)"
+            )
+        elif self.gallery_error is not None:
             lines.append(f"**Gallery: unusable.** {self.gallery_error}")
         elif self.gallery is not None:
             n = len(self.index) if self.index is not None else 0
@@ -521,12 +599,13 @@ def available_models() -> list[str]:
 
 def example_images(engine: SearchEngine, n: int = EXAMPLES) -> list[str]:
     """Up to ``n`` gallery images, one per class first."""
-    if engine.gallery is None:
+    if engine.gallery is None and engine.service is None:
         return []
     by_class: dict[str, list[Path]] = {}
     for p in engine.files:
         if p.is_file():
-            by_class.setdefault(class_label(p, engine.gallery), []).append(p)
+            label = class_label(p, engine.gallery) if engine.gallery else label_of(p)
+            by_class.setdefault(label, []).append(p)
     picked: list[str] = []
     depth = 0
     while len(picked) < n and any(len(v) > depth for v in by_class.values()):

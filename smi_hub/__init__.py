@@ -23,6 +23,7 @@ from smi_hub.index import EmbeddingIndex, SearchResult
 from smi_hub.localization import localization_map, overlay
 from smi_hub.models import SMIModel, load_weights_folder
 from smi_hub.registry import DEFAULT_MODEL, list_models
+from smi_hub.store_export import export_store
 from smi_hub.transforms import get_transforms
 from smi_hub.weights import save_weights_folder
 
@@ -46,6 +47,7 @@ __all__ = [
     "WeightsNotPublishedError",
     "add_embeddings",
     "default_gallery",
+    "export_store",
     "extract_features",
     "get_transforms",
     "list_models",

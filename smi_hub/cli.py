@@ -1,5 +1,5 @@
-"""``smi-hub`` command line: list, info, extract, index, search, export, predict, demo,
-quickstart."""
+"""``smi-hub`` command line: list, info, extract, index, search, export, predict, serve,
+demo, quickstart."""
 
 from __future__ import annotations
 
@@ -230,11 +230,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="write into a folder holding other files (only smi-hub's own files are replaced)",
     )
 
+    p = sub.add_parser(
+        "export-features",
+        help="feature store -> embeddings.npy + metadata.parquet (autofaiss, datasets, numpy)",
+    )
+    p.add_argument("store", help="feature store folder (smi-hub extract -o)")
+    p.add_argument("--to", required=True, dest="out_dir", help="new or empty output folder")
+    p.add_argument(
+        "--shards", action="store_true", help="also img_emb/*.npy + metadata/*.parquet per shard"
+    )
+    p.add_argument("--normalize", action="store_true", help="L2-normalize the vectors")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export there")
+
     p = sub.add_parser("predict", help="top classes of images with a fine-tuned classifier")
     p.add_argument("model", help="classifier weights folder (python -m training.finetune), repo id")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-k", "--top", type=_positive_int, default=5, help="classes to print per image")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--index",
+        default=None,
+        help="index folder of the images the model should know: flags images unlike them "
+        "(out of domain) with their nearest-neighbour percentile",
+    )
+
+    p = sub.add_parser("serve", help="JSON search API over an index folder (FastAPI + uvicorn)")
+    p.add_argument("index_dir", help="index folder (smi-hub index)")
+    p.add_argument(
+        "--model", default=None, help="model that embeds queries (default: the index's own)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--workers", type=_positive_int, default=1, help="server processes")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="query size limit")
 
     p = sub.add_parser("demo", help="start the Gradio demo (needs a source checkout)")
     p.add_argument(
@@ -250,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="let visitors load any folder, repo id or URL on this machine (off by default)",
     )
     p.add_argument("--gallery", default=None, help="folder of images (default: Fashion-MNIST)")
+    p.add_argument("--index", default=None, help="index folder (smi-hub index) to search instead")
     p.add_argument("--port", type=_port, default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="query size limit")
@@ -408,6 +438,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if len(labels) == 0:
         shown = "; ".join(reason for _, reason in failed[:3])
         raise SMIHubError(f"no image in {args.folder} could be read ({shown}); nothing indexed.")
+    meta["cwd"] = str(Path.cwd())  # relative gallery paths are relative to it (smi-hub serve)
     index = EmbeddingIndex.build(
         vectors,
         labels=labels,
@@ -452,6 +483,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_features(args: argparse.Namespace) -> int:
+    from smi_hub.store_export import export_store
+
+    out = export_store(
+        args.store,
+        args.out_dir,
+        shards=args.shards,
+        normalize=args.normalize,
+        overwrite=args.overwrite,
+    )
+    info = json.loads((out / "export.json").read_text())
+    print(f"Exported {info['rows']} x {info['dim']} features of {args.store} -> {out}")
+    print(f"  {out / 'embeddings.npy'}, {out / 'metadata.parquet'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from smi_hub.export import export_checkpoint
 
@@ -486,6 +533,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     transform = get_transforms(model)
     device = next(model.parameters()).device
+    service = None
+    if args.index:
+        from smi_hub.search_service import SearchService
+
+        service = SearchService(args.index, device=args.device)
     status = 0
     for path in args.images:
         try:
@@ -498,9 +550,52 @@ def cmd_predict(args: argparse.Namespace) -> int:
             probs = model(x).float().softmax(dim=1)[0]
         top = probs.topk(min(args.top, model.num_classes))
         print(path)
+        if service is not None:
+            answer = service.search_vector(service.embed(load_image(path)), k=1)
+            if answer["in_domain"] is False:
+                print(
+                    f"  OUT OF DOMAIN: unlike the images of {args.index} (top similarity "
+                    f"{answer['top_score']:.3f}, percentile {answer['percentile']:.1f} of their "
+                    "own nearest-neighbour scores); the classes below are not to be trusted"
+                )
+            elif answer["in_domain"]:
+                print(f"  in domain (percentile {answer['percentile']:.1f})")
         for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             print(f"  {p:7.2%}  {model.class_names[i]}")
     return status
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import socket
+
+    try:
+        from smi_hub.serve import run
+    except ImportError as e:
+        raise SMIHubError(
+            f"smi-hub serve needs FastAPI and uvicorn ({e}): pip install 'smi-hub[serve]'."
+        ) from e
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+            s.bind((args.host, args.port))
+    except OSError as e:
+        print(
+            f"smi-hub serve: error: cannot listen on {args.host}:{args.port} "
+            f"({e.strerror or e}); pick another --port or --host.",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"Serving {args.index_dir} on http://{args.host}:{args.port}/v1/ (docs: /v1/docs)")
+    run(
+        args.index_dir,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        device=args.device,
+        max_pixels=args.max_pixels,
+    )
+    return 0
 
 
 def demo_app_path() -> Path:
@@ -524,7 +619,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     argv: list[str] = []
     for model in args.model or []:
         argv += ["--model", model]
-    for flag in ("gallery", "port", "host", "max_pixels"):
+    for flag in ("gallery", "index", "port", "host", "max_pixels"):
         value = getattr(args, flag)
         if value is not None:
             argv += [f"--{flag.replace('_', '-')}", str(value)]
@@ -589,7 +684,9 @@ COMMANDS = {
     "index": cmd_index,
     "search": cmd_search,
     "export": cmd_export,
+    "export-features": cmd_export_features,
     "predict": cmd_predict,
+    "serve": cmd_serve,
     "demo": cmd_demo,
     "quickstart": cmd_quickstart,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -34,17 +35,32 @@ class FeatureResult:
         features: N x C (``pooled`` / ``projector``) or N x C x h x w (spatial layers), float32,
             on the CPU, one row per successfully read input, in input order.
         paths: identifier of each row: the file path for files, else the sample index.
-        failed: ``(path, reason)`` of every input that could not be read (skipped).
-        labels: N int64 labels when the dataset provided them, else None.
+        failed: ``(path, reason)`` of every input that could not be read (skipped, or a NaN
+            row with ``on_error="null"``).
+        labels: N int64 labels when the dataset provided integer labels, the labels as a list
+            when they are of another kind (e.g. strings; None for a row without one), else None.
+        valid: with ``on_error="null"``, N booleans: False where the input could not be read
+            (its ``features`` row is NaN); None otherwise (every row is valid).
     """
 
     features: torch.Tensor
     paths: list[Any] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    labels: torch.Tensor | None = None
+    labels: torch.Tensor | list[Any] | None = None
+    valid: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
+
+    def column(self) -> list[Any]:
+        """One entry per row for a ``datasets`` column: the row's vector (a float32 numpy
+        array), or None where the input could not be read (``on_error="null"``), so
+        ``ds.map(lambda b: {"emb": extract_features(m, b["path"], on_error="null").column()},
+        batched=True)`` stays aligned with a null per failed row."""
+        rows = list(self.features.numpy())
+        if self.valid is None:
+            return rows
+        return [r if ok else None for r, ok in zip(rows, self.valid.tolist(), strict=True)]
 
 
 class _Files(Dataset):
@@ -109,8 +125,10 @@ def _sample(
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"sample {i} is a {type(image).__name__}, not an image/tensor")
         if isinstance(label, torch.Tensor) and label.numel() == 1:
-            label = int(label.item())
-        return image, i, label if isinstance(label, int) else None, None
+            label = label.item()
+        if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+            label = int(label)
+        return image, i, label if isinstance(label, int | str) else None, None
     except Exception as e:
         return None, i, None, f"sample {i}: {type(e).__name__}: {e}"
 
@@ -229,11 +247,21 @@ def _source(data: Any, tfm: Callable) -> _Source:
             f"This is a DatasetDict with splits {sorted(data)}; choose one: "
             f"ds[{sorted(data)[0]!r}] (CLI: --split {sorted(data)[0]})."
         )
+    if isinstance(data, torch.Tensor) and data.dtype == torch.uint8:
+        # raw pixels, e.g. a batch of a with_format("torch") image column (B x 1 x 28 x 28):
+        # each image gets the model's preprocessing, as a list of PIL images would
+        images = list(data.unsqueeze(0) if data.ndim == 2 else data)
+        fp = lambda: f"uint8:{tuple(data.shape)}:{_tensor_digest(data.contiguous())}"  # noqa: E731
+        return _Source("dataset", _Wrapped(images, tfm), len(images), None, fp)
     if isinstance(data, torch.Tensor):
         if data.ndim == 3:
             data = data.unsqueeze(0)
-        if data.ndim != 4:
-            raise ValueError(f"A tensor input must be B x 3 x H x W, got {tuple(data.shape)}.")
+        if data.ndim != 4 or data.shape[1] != 3:
+            raise ValueError(
+                f"A float tensor input must be a preprocessed batch B x 3 x H x W, got "
+                f"{tuple(data.shape)}; pass raw pixels as uint8 (B x C x H x W or B x H x W), "
+                "PIL images or paths to get the model's preprocessing."
+            )
         data = data.contiguous()
         fp = lambda: f"tensor:{tuple(data.shape)}:{_tensor_digest(data)}"  # noqa: E731
         return _Source("tensor", data, len(data), None, fp)
@@ -400,6 +428,7 @@ def extract_features(
     out: str | os.PathLike | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     npy: bool = False,
+    on_error: str = "skip",
     overwrite: bool = False,
 ) -> Any:
     """Features of many images with an ``SMIModel`` (or a name for :func:`smi_hub.load`).
@@ -426,6 +455,10 @@ def extract_features(
             shards. Returns the opened store.
         shard_size: inputs per shard (with ``out``).
         npy: with ``out``, also write ``features.npy`` (all rows) into the store folder.
+        on_error: what an unreadable input gives: ``"skip"`` (default: no row; listed in
+            ``failed``), ``"null"`` (a NaN row marked False in ``valid``, so rows stay aligned
+            with the inputs; :meth:`FeatureResult.column` turns it into a null; in-memory
+            only), or ``"raise"`` (an ``ImageLoadError`` naming the inputs, nothing returned).
         overwrite: with ``out``, write into a folder holding other files (only the store's
             own files are replaced; see ``smi_hub.outputs``); otherwise such a folder is
             refused.
@@ -445,6 +478,13 @@ def extract_features(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if on_error not in ("skip", "null", "raise"):
+        raise ValueError(f"on_error must be 'skip', 'null' or 'raise', got {on_error!r}.")
+    if on_error == "null" and out is not None:
+        raise ValueError(
+            "on_error='null' keeps NaN rows in memory; a store (out=) already keeps rows aligned "
+            "(FeatureStore.input_index()): use on_error='skip' or 'raise' with out=."
+        )
     device = torch.device(device) if device is not None else _device_of(model)
     model.to(device)
     model.eval()
@@ -507,6 +547,7 @@ def extract_features(
     rows: list[int] = []
     labels: list[Any] = []
     failed: list[tuple[Any, str]] = []
+    failed_rows: list[int] = []
     current = None
 
     def name(i: int) -> Any:
@@ -518,7 +559,7 @@ def extract_features(
         writer.write_shard(
             current, feats, list(rows), list(labels), [name(i) for i in rows], list(failed)
         )
-        for buffer in (chunks, rows, labels, failed):
+        for buffer in (chunks, rows, labels, failed, failed_rows):
             buffer.clear()
 
     try:
@@ -532,8 +573,15 @@ def extract_features(
                 if writer is not None and current is not None and k != current:
                     flush()
                 current = k
+                if bad and on_error == "raise":
+                    shown = "; ".join(reason for _, reason in bad[:3])
+                    raise ImageLoadError(
+                        f"{len(bad)} input(s) could not be read: {shown}. Fix or remove them, "
+                        "or pass on_error='null' (aligned rows with NaN / null) or 'skip'."
+                    )
                 for i, reason in bad:
                     failed.append((name(i), reason))
+                    failed_rows.append(i)
                 if x is None:
                     continue
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
@@ -562,10 +610,21 @@ def extract_features(
     _warn_failed(failed)
     empty = torch.empty(0, getattr(model, "num_features", 0))
     features = torch.cat(chunks) if chunks else empty
-    label_tensor = (
-        torch.tensor(labels, dtype=torch.long)
-        if labels and all(isinstance(v, int) for v in labels)
-        else None
-    )
+    valid = None
+    if on_error == "null":
+        n = len(rows) + len(failed_rows)
+        full = torch.full((n, *features.shape[1:]), float("nan"))
+        full[rows] = features
+        valid = torch.zeros(n, dtype=torch.bool)
+        valid[rows] = True
+        labels_by_row = dict(zip(rows, labels, strict=True))
+        features, labels, rows = full, [labels_by_row.get(i) for i in range(n)], list(range(n))
+    label_out: torch.Tensor | list[Any] | None = None
+    if labels and all(isinstance(v, int) for v in labels):
+        label_out = torch.tensor(labels, dtype=torch.long)
+    elif any(v is not None for v in labels):
+        label_out = list(labels)  # strings (or mixed): kept as given, not dropped
     paths = [name(i) for i in rows]
-    return FeatureResult(features=features, paths=paths, failed=failed, labels=label_tensor)
+    return FeatureResult(
+        features=features, paths=paths, failed=failed, labels=label_out, valid=valid
+    )

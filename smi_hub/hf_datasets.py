@@ -9,7 +9,8 @@ import torch
 
 from smi_hub.errors import SMIHubError
 from smi_hub.feature_store import FeatureStore
-from smi_hub.features import FeatureResult, extract_features
+from smi_hub.features import FeatureResult, _hf_image_key, extract_features
+from smi_hub.hub import load
 
 
 def add_embeddings(
@@ -23,7 +24,11 @@ def add_embeddings(
     """``ds`` with a ``column`` of feature vectors (``float32`` lists of fixed length).
 
     Args:
-        ds: a ``datasets.Dataset`` (map-style) with an image column.
+        ds: a ``datasets.Dataset`` (map-style) with an image column; a ``DatasetDict`` (each
+            split gets its column; ``source`` a model, or a dict of one source per split); or
+            a streaming ``IterableDataset`` (``source`` a model: the column is computed
+            lazily, batch by batch, as the stream is read; ``drop_missing`` drops the rows
+            whose image could not be read as they stream by).
         source: a :class:`~smi_hub.FeatureStore` or ``FeatureResult`` extracted from ``ds``
             (same rows, same order), or a model / model name to extract them now
             (``extract_kwargs`` go to :func:`~smi_hub.extract_features`; ``out=`` streams
@@ -41,11 +46,30 @@ def add_embeddings(
     import datasets
     import pyarrow as pa
 
+    if isinstance(ds, datasets.DatasetDict):
+        sources = source if isinstance(source, dict) else dict.fromkeys(ds, source)
+        if isinstance(source, FeatureStore | FeatureResult) or set(sources) != set(ds):
+            raise SMIHubError(
+                f"A DatasetDict (splits {sorted(ds)}) needs a model (extracted per split) or a "
+                f"dict of one FeatureStore / FeatureResult per split, with keys {sorted(ds)}."
+            )
+        if isinstance(source, str | torch.nn.Module):
+            model = load(source) if isinstance(source, str) else source
+            sources = dict.fromkeys(ds, model)
+        return datasets.DatasetDict(
+            {
+                split: add_embeddings(
+                    part, sources[split], column, normalize, drop_missing, **extract_kwargs
+                )
+                for split, part in ds.items()
+            }
+        )
+    if isinstance(ds, datasets.IterableDataset):
+        return _add_embeddings_stream(ds, source, column, normalize, drop_missing, extract_kwargs)
     if not isinstance(ds, datasets.Dataset):
         raise TypeError(
-            f"add_embeddings needs a map-style datasets.Dataset, got {type(ds).__name__}; for a "
-            "streaming dataset, extract to a store (extract_features(model, ds, out=...)) and "
-            "load the rows you need."
+            "add_embeddings needs a datasets.Dataset, DatasetDict or IterableDataset, got "
+            f"{type(ds).__name__}."
         )
     if column in ds.column_names:
         raise SMIHubError(f"The dataset already has a column {column!r}; choose another name.")
@@ -83,4 +107,42 @@ def add_embeddings(
     out = ds.add_column(column, values, feature=feature)
     if drop_missing and missing.any():
         out = out.select(np.flatnonzero(~missing))
+    return out
+
+
+def _add_embeddings_stream(
+    ds: Any,
+    source: Any,
+    column: str,
+    normalize: bool,
+    drop_missing: bool,
+    extract_kwargs: dict[str, Any],
+) -> Any:
+    """``add_embeddings`` of a streaming ``IterableDataset``: a lazy ``map`` that extracts
+    each batch's images (a null where an image cannot be read)."""
+
+    if isinstance(source, FeatureStore | FeatureResult):
+        raise SMIHubError(
+            "A streaming IterableDataset gets its embeddings computed as it is read: pass a "
+            "model (or model name) as source, not precomputed features."
+        )
+    if extract_kwargs.get("out") is not None:
+        raise SMIHubError("out= does not apply to a streaming add_embeddings (nothing is stored).")
+    if column in (ds.column_names or ()):
+        raise SMIHubError(f"The dataset already has a column {column!r}; choose another name.")
+    model = load(source) if isinstance(source, str) else source
+    key = _hf_image_key(ds) or "image"
+    kwargs = {"progress": False, **extract_kwargs, "on_error": "null"}
+    batch_size = int(kwargs.get("batch_size", 64))
+
+    def embed(batch: dict[str, list]) -> dict[str, list]:
+        result = extract_features(model, list(batch[key]), **kwargs)
+        features = result.features
+        if normalize:
+            features = torch.nn.functional.normalize(features.float(), dim=1, eps=1e-12)
+        return {column: FeatureResult(features, valid=result.valid).column()}
+
+    out = ds.map(embed, batched=True, batch_size=batch_size)
+    if drop_missing:
+        out = out.filter(lambda row: row[column] is not None)
     return out

@@ -10,8 +10,15 @@ import torch
 
 from smi_hub.download import fetch_weights_url, is_url
 from smi_hub.errors import ChecksumError, WeightsError, WeightsNotPublishedError
-from smi_hub.models import SMIModel, build_model_from_config, load_weights_folder
+from smi_hub.models import (
+    SMIFeatures,
+    SMIModel,
+    build_model_from_config,
+    load_weights_folder,
+    with_num_classes,
+)
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, list_models, preprocessing
+from smi_hub.schema import check_num_classes
 from smi_hub.weights import WEIGHTS_NAME, read_config, resolve_hf_folder
 
 
@@ -107,7 +114,9 @@ def load(
     arch: str | None = None,
     progress: bool = True,
     num_classes: int | None = None,
-) -> SMIModel:
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (0, 1, 2, 3, 4),
+) -> SMIModel | SMIFeatures:
     """Load an ``SMIModel`` in eval mode.
 
     Args:
@@ -125,12 +134,18 @@ def load(
         num_classes: give the model a freshly initialized ``num_classes``-way classifier head
             on its (pretrained) features, as ``timm.create_model(..., num_classes=K)``; 0
             removes a head. A head already of that size (a fine-tuned classifier) is kept.
+            Must be an integer from 0 to 100,000 (checked before anything is loaded).
+        features_only, out_indices: as timm: return an :class:`SMIFeatures` whose forward
+            gives the list of feature maps of these stages (0 stem, 1-4 ``layer1``-``layer4``)
+            and whose ``feature_info`` says their channels and strides.
 
     Raises:
         WeightsNotPublishedError: a registry entry without weights (the message says how to
             train and export them). WeightsError / ChecksumError / UnsupportedFormatError:
             unusable weights. DownloadError: a URL could not be fetched.
     """
+    if num_classes is not None:
+        check_num_classes(num_classes)
     name = DEFAULT_MODEL if name_or_path is None else name_or_path
     text = os.fspath(name)
     if isinstance(name, str) and text in REGISTRY:
@@ -160,8 +175,7 @@ def load(
             f"{text} holds a {model.arch} but a {arch} was requested; use the entry point for "
             f"{model.arch} or weights of a {arch}."
         )
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
+    with_num_classes(model, num_classes)
     if device is not None:
         model.to(device)
-    return model.eval()
+    return SMIFeatures(model, out_indices).eval() if features_only else model.eval()

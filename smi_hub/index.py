@@ -39,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from smi_hub.errors import SMIHubError
 from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import recover_folder
+from smi_hub.mmap_tensors import mmap_tensor
+from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
 from smi_hub.outputs import claim_output_dir, commit_folder
 
 INDEX_FORMAT = 2
@@ -459,6 +461,11 @@ class EmbeddingIndex:
                     stacklevel=2,
                 )
         index.metadata["build"] = report
+        # the gallery's own nearest-neighbour scores, for the out-of-domain signal (smi_hub.ood)
+        profile_ids = perm[-min(n, PROFILE_QUERIES) :].sort().values
+        index.metadata["neighbour_profile"] = neighbour_profile(
+            index, rows(profile_ids), profile_ids
+        )
         return index
 
     # ---- searching -----------------------------------------------------------------------
@@ -552,8 +559,8 @@ class EmbeddingIndex:
         cls, folder: str | os.PathLike, backend: str = "torch", mmap: bool = True
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`; the vectors file must match the sha256 in
-        ``index.json``. Approximate indexes are memory-mapped unless ``mmap=False`` (and read
-        into memory by a later :meth:`add`)."""
+        ``index.json``. Indexes are memory-mapped unless ``mmap=False`` (approximate ones are
+        read into memory by a later :meth:`add`)."""
         folder = Path(folder)
         with contextlib.suppress(OSError):  # a swap killed between its renames
             recover_folder(folder)
@@ -595,7 +602,10 @@ class EmbeddingIndex:
         index.labels = list(info["labels"])
         try:
             if kind == "flat":
-                index.embeddings = load_file(str(path))["embeddings"].float()
+                mapped = mmap_tensor(path, "embeddings") if mmap else None  # shared pages
+                index.embeddings = (
+                    mapped if mapped is not None else load_file(str(path))["embeddings"].float()
+                )
                 count = index.embeddings.shape
                 ok = count == (info["count"], info["dim"] or 0)  # an empty index may have no dim
             else:

@@ -9,6 +9,8 @@ that loads the folder the card sits in.
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 from smi_hub.registry import REGISTRY
@@ -24,22 +26,65 @@ TAGS = ["self-supervised-learning", "smi", "image-feature-extraction"]
 
 
 def _dataset(source: str | None) -> tuple[str, str] | None:
-    """(Hub id, display name) of a training/evaluation data source; None for local paths."""
+    """(dataset type, display name) of a training/evaluation data source: a Hub dataset id, or
+    ``imagefolder`` and the folder's name for a local image folder (the model-index still
+    records the result; the Hub links only real dataset ids)."""
     if not source:
         return None
     if source in DATASETS:
         return DATASETS[source]
-    if ":" in source or source.startswith(("/", ".")):
-        return None  # imagefolder:/data/... or a local path: not a Hub dataset
+    kind, sep, path = source.partition(":")
+    if sep and kind == "hf" and _is_repo_id(path):
+        return path, path
+    if sep or source.startswith(("/", ".", "~")) or Path(source).expanduser().exists():
+        local = path if sep else source
+        return "imagefolder", Path(local.rstrip("/")).name or local
     return source, source
+
+
+def _is_repo_id(text: str) -> bool:
+    """``owner/name`` (or ``name``) as the Hub spells ids, and not an existing local path."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text)) and not (
+        text.startswith(".") or Path(text).expanduser().exists()
+    )
+
+
+# protocol -> (model-index task type, task name). The Hub groups model-index results by task
+# type and dataset, so every protocol has its own type: one task per protocol.
+TASKS = {
+    "knn": ("image-classification-knn", "k-NN classification on frozen features"),
+    "linear": ("image-classification-linear-probe", "Linear probe on frozen features"),
+    "lowshot": ("image-classification-low-shot", "Low-shot linear probe (k labels per class)"),
+    "transfer": ("image-classification-transfer", "Transfer: linear probe on all labels"),
+    "semisup": ("image-classification-semi-supervised", "Semi-supervised fine-tuning"),
+    "finetune": ("image-classification", "Fine-tuning"),
+}
+
+
+def _task_and_split(key: str, training: dict[str, Any]) -> tuple[str, str] | None:
+    """(protocol task key, dataset split) of a results key, or None when it is no result
+    (standard deviations, train-set accuracies, non-accuracy values)."""
+    if not key.endswith(("top1", "top5")) or "_train_" in key:
+        return None
+    protocol, _, metric = key.partition("_")
+    test_split = str(training.get("test_split") or "test")
+    if protocol == "transfer":
+        shots = metric.split("shot_", 1)[0] if "shot_" in metric else "all"
+        return ("lowshot" if shots != "all" else "transfer"), test_split
+    if protocol == "finetune" and metric.startswith("val_"):
+        return "finetune", "validation"  # held out of the training split, not the test set
+    return protocol, test_split
 
 
 def eval_results(config: dict[str, Any], model_name: str) -> list[Any]:
     """``EvalResult`` entries (model-index) for the accuracy metrics in ``config['results']``.
 
-    A key ``<protocol>_..._top1`` (or ``top5``) is one result; its dataset is the protocol's
-    evaluation dataset (``training.evaluation_datasets``), else the training dataset.
-    Standard deviations and train-set accuracies are not results.
+    A key ``<protocol>_..._top1`` (or ``top5``) is one result under its protocol's own task
+    (:data:`TASKS`; ``transfer_<k>shot_*`` is low-shot, ``transfer_allshot_*`` transfer); its
+    dataset is the protocol's evaluation dataset (``training.evaluation_datasets``), else the
+    training dataset; a fine-tune's ``val_top1`` is filed under split ``validation``, test
+    accuracies under the test split. Standard deviations and train-set accuracies are not
+    results.
     """
     from huggingface_hub import EvalResult
 
@@ -47,21 +92,21 @@ def eval_results(config: dict[str, Any], model_name: str) -> list[Any]:
     by_protocol = training.get("evaluation_datasets") or {}
     out = []
     for key, value in sorted((config.get("results") or {}).items()):
-        if not key.endswith(("top1", "top5")) or "_train_" in key:
-            continue
         if not isinstance(value, int | float) or isinstance(value, bool):
             continue
+        task = _task_and_split(key, training)
         protocol = key.split("_", 1)[0]
         ds = _dataset(by_protocol.get(protocol) or training.get("dataset"))
-        if ds is None:
+        if task is None or ds is None:
             continue
+        task_type, task_name = TASKS.get(task[0], (f"image-classification-{protocol}", protocol))
         out.append(
             EvalResult(
-                task_type="image-classification",
-                task_name=f"{protocol} evaluation",
+                task_type=task_type,
+                task_name=task_name,
                 dataset_type=ds[0],
                 dataset_name=ds[1],
-                dataset_split="test",
+                dataset_split=task[1],
                 metric_type="accuracy",
                 metric_name=key,
                 metric_value=value,
@@ -70,15 +115,26 @@ def eval_results(config: dict[str, Any], model_name: str) -> list[Any]:
     return out
 
 
+def base_model(config: dict[str, Any]) -> str | None:
+    """The Hugging Face repo id a fine-tuned model started from (``training.base_model``),
+    or None when that is not a repo id (a registry name or a local folder; the card's text
+    names it instead)."""
+    base = (config.get("training") or {}).get("base_model")
+    return base if isinstance(base, str) and "/" in base and _is_repo_id(base) else None
+
+
 def card_data(config: dict[str, Any], name: str) -> Any:
     """The ``ModelCardData`` of a weights folder's config."""
     from huggingface_hub import ModelCardData
 
     training = config.get("training") or {}
     sources = [training.get("dataset"), *(training.get("evaluation_datasets") or {}).values()]
-    datasets = sorted({ds[0] for ds in map(_dataset, sources) if ds is not None})
+    datasets = sorted(
+        {ds[0] for ds in map(_dataset, sources) if ds is not None and ds[0] != "imagefolder"}
+    )
     results = eval_results(config, name)
     classifier = bool(config.get("num_classes"))
+    base = base_model(config)
     return ModelCardData(
         model_name=name if results else None,
         library_name="smi-hub",
@@ -86,8 +142,38 @@ def card_data(config: dict[str, Any], name: str) -> Any:
         pipeline_tag="image-classification" if classifier else "image-feature-extraction",
         tags=[*TAGS, config["arch"]] + (["image-classification"] if classifier else []),
         datasets=datasets or None,
+        base_model=base,
+        base_model_relation="finetune" if base else None,
         eval_results=results or None,
     )
+
+
+def timm_snippet(config: dict[str, Any], name: str, repo_id: str | None) -> list[str]:
+    """Python lines that load these weights with timm and resolve timm's data config to this
+    model's own preprocessing (empty for layouts timm cannot build)."""
+    arch = config.get("architecture")
+    cfg = config.get("pretrained_cfg") or {}
+    if not arch or not cfg:
+        return []
+    num_classes = int(config.get("num_classes") or 0)
+    folder = repo_id and f"hf-hub:{repo_id}" or f"local-dir:path/to/{name}"
+    size = tuple(cfg.get("input_size") or (3, config["image_size"], config["image_size"]))
+    overlay = (
+        f'file="path/to/{name}/model.safetensors", num_classes={num_classes}, '
+        f"input_size={size}, mean={tuple(cfg['mean'])}, std={tuple(cfg['std'])}, "
+        f"crop_pct={cfg.get('crop_pct', 1.0)}, interpolation={cfg.get('interpolation')!r}"
+    )
+    return [
+        "import timm",
+        "",
+        f'model = timm.create_model("{folder}", pretrained=True).eval()  # reads config.json',
+        "# or from the weights file alone (num_classes and the data config must be given: timm",
+        "# otherwise drops the head and assumes ImageNet's 224 px and statistics)",
+        f'model = timm.create_model("{arch}", pretrained=True, num_classes={num_classes},',
+        f"                          pretrained_cfg_overlay=dict({overlay})).eval()",
+        "data_config = timm.data.resolve_model_data_config(model)",
+        "transform = timm.data.create_transform(**data_config)",
+    ]
 
 
 def usage_snippet(config: dict[str, Any], name: str, repo_id: str | None) -> list[str]:
@@ -124,15 +210,25 @@ def render_model_card(config: dict[str, Any], name: str, repo_id: str | None = N
         f"{config.get('projector_dims') or 'not included'}"
     )
     params = config.get("num_params")
-    timm_line = (
-        f"The tensors use torchvision's ResNet names, so `model.safetensors` loads with "
-        f"`strict=True` into `torchvision.models.{config['arch']}()` (with `fc` replaced or "
-        f'removed) and into timm: `timm.create_model("{config["arch"]}", pretrained=True, '
-        'pretrained_cfg_overlay=dict(file="model.safetensors"), num_classes=0)`.'
-        if config.get("architecture")
-        else "This layout (narrow width or small-image stem) is smi-hub's own: load it with "
-        "`smi_hub.load`; torchvision and timm build only the standard-width ImageNet stem."
+    timm_lines = timm_snippet(config, name, repo_id)
+    timm_text = (
+        [
+            "The tensors use torchvision's ResNet names, so `model.safetensors` loads with "
+            f"`strict=True` into `torchvision.models.{config['arch']}()` (with `fc` replaced or "
+            "removed) and into timm:",
+            "",
+            "```python",
+            *timm_lines,
+            "```",
+        ]
+        if timm_lines
+        else [
+            "This layout (narrow width or small-image stem) is smi-hub's own: load it with "
+            "`smi_hub.load`; torchvision and timm build only the standard-width ImageNet stem."
+        ]
     )
+    base = (config.get("training") or {}).get("base_model")
+    base_text = [f"Fine-tuned from `{base}`.", ""] if base else []
     lines = [
         "---",
         card_data(config, name).to_yaml(),
@@ -140,6 +236,7 @@ def render_model_card(config: dict[str, Any], name: str, repo_id: str | None = N
         "",
         f"# {name}",
         "",
+        *base_text,
         "A ResNet trained with **SMI** (Semantic Mutual Information; Mishra, Ballester and "
         "Karatzas, arXiv 2606.08332), packaged by [smi-hub](https://github.com/smi-hub/smi-hub).",
         "",
@@ -157,7 +254,7 @@ def render_model_card(config: dict[str, Any], name: str, repo_id: str | None = N
         *usage_snippet(config, name, repo_id),
         "```",
         "",
-        timm_line,
+        *timm_text,
         "",
         "## Training",
         "",

@@ -28,6 +28,7 @@ from smi_hub.schema import (
     ARCHS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    check_num_classes,
     default_resize_ratio,
     validate_config,
 )
@@ -143,8 +144,7 @@ class SMIModel(
             raise ValueError(f"Unknown arch {arch!r}; choose one of {sorted(ARCHS)}.")
         if base_width < 1:
             raise ValueError(f"base_width must be a positive integer, got {base_width}.")
-        if int(num_classes) < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}.")
+        check_num_classes(num_classes)
         if any(int(d) < 1 for d in projector_dims):
             raise ValueError(f"projector_dims must be positive widths, got {list(projector_dims)}.")
         self.arch = arch
@@ -183,7 +183,8 @@ class SMIModel(
         self.fc: nn.Linear | None = None
         self.num_classes = 0
         self.class_names: list[str] = []
-        self.reset_classifier(int(num_classes), class_names)
+        self.reset_classifier(num_classes, class_names=class_names)
+        self.grad_checkpointing = False
         self._init_weights(zero_init_residual)
         self.weights_config: dict = {}  # config.json of the loaded weights (provenance)
 
@@ -245,11 +246,28 @@ class SMIModel(
             cfg["weights_sha256"] = self.weights_config["weights_sha256"]
         return cfg
 
-    def reset_classifier(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+    def reset_classifier(
+        self,
+        num_classes: int,
+        global_pool: str | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
         """Replace the classifier head by a freshly initialized ``num_classes``-way ``fc``
-        (0 removes it), as timm's ``reset_classifier``."""
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}.")
+        (0 removes it), with timm's signature. ``global_pool``: None keeps the pooling, as
+        timm; only ``"avg"`` (what our ResNets use) is accepted otherwise. ``class_names``
+        (keyword): one name per class (default ``class_0`` ...)."""
+        check_num_classes(num_classes)
+        if global_pool not in (None, "avg"):
+            hint = (
+                " (class names go by keyword: reset_classifier(n, class_names=[...]))"
+                if not isinstance(global_pool, str)
+                else ""
+            )
+            raise ValueError(
+                f"global_pool = {global_pool!r}: SMIModel pools by global average only; pass "
+                f"None or 'avg'{hint}."
+            )
         names = [str(c) for c in class_names] if class_names is not None else []
         if names and len(names) != num_classes:
             raise ValueError(f"{len(names)} class_names for num_classes={num_classes}.")
@@ -257,9 +275,55 @@ class SMIModel(
         self.class_names = names or [f"class_{i}" for i in range(self.num_classes)]
         self.fc = nn.Linear(self.num_features, self.num_classes) if self.num_classes else None
 
-    def get_classifier(self) -> nn.Module:
-        """The classifier head (``nn.Identity`` when there is none), as timm."""
+    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
+        """The classifier head (``nn.Identity`` when there is none), or its name ``"fc"``
+        with ``name_only``, as timm."""
+        if name_only:
+            return "fc"
         return self.fc if self.fc is not None else nn.Identity()
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm's ``feature_info`` of a ResNet: channels, stride and module of the stem
+        activation and of each stage (the maps ``forward_intermediates`` returns). Our stem
+        activation is named ``relu`` (timm's ``act1``); the small-image stem has stride 1."""
+        block = BLOCKS[ARCHS[self.arch][0]]
+        stem = 1 if self.small_stem else 2
+        info = [dict(num_chs=self.base_width, reduction=stem, module="relu")]
+        for i in range(4):
+            reduction = stem * (1 if self.small_stem else 2) * 2**i
+            chs = self.base_width * 2**i * block.expansion
+            info.append(dict(num_chs=chs, reduction=reduction, module=f"layer{i + 1}"))
+        return info
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each residual block's activations in the backward pass instead of storing
+        them (less memory, about one more forward of compute), as timm."""
+        self.grad_checkpointing = bool(enable)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's parameter groups of a ResNet (for layer-wise learning-rate decay): the stem,
+        then one group per stage (``coarse``) or per block; the head and projector fall into
+        timm's last group."""
+        return dict(
+            stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"
+        )
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to exempt from weight decay beyond timm's default rule (which
+        already exempts every bias and norm weight): none, as timm's ResNet."""
+        return set()
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``layer{i}``, block by block under gradient checkpointing when enabled."""
+        stage = getattr(self, f"layer{i}")
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return stage(x)
+        from torch.utils.checkpoint import checkpoint
+
+        for block in stage:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -294,7 +358,7 @@ class SMIModel(
         x = self.maxpool(x)
         last = max(take) if stop_early else len(STAGES) - 1
         for i in range(1, last + 1):
-            x = getattr(self, f"layer{i}")(x)
+            x = self._stage(i, x)
             if i in take:
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)
@@ -314,7 +378,7 @@ class SMIModel(
             out["stem"] = x
         last = max(STAGES.index(name) for name in layers) if layers else 0
         for i in range(1, last + 1):
-            x = getattr(self, f"layer{i}")(x)
+            x = self._stage(i, x)
             if f"layer{i}" in layers:
                 out[f"layer{i}"] = x
         return out
@@ -325,11 +389,16 @@ class SMIModel(
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """timm's head: global-average-pool a ``forward_features`` map (a B x C tensor is
-        taken as already pooled), then the classifier. ``pre_logits=True``, or a model
-        without a head, returns the pooled features."""
+        taken as already pooled), then the head: the classifier ``fc`` if there is one, else
+        the SMI projector if loaded, else nothing. ``pre_logits=True`` returns the pooled
+        features. So ``model(x) == forward_head(forward_features(x))``, as in timm."""
         if x.ndim == 4:
             x = torch.flatten(self.avgpool(x), 1)
-        return x if pre_logits or self.fc is None else self.fc(x)
+        if pre_logits:
+            return x
+        if self.fc is not None:
+            return self.fc(x)
+        return self.projector(x) if self.projector is not None else x
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Globally average-pooled backbone features, B x C (2048 for ResNet-50)."""
@@ -338,10 +407,7 @@ class SMIModel(
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits when the model has a classifier head; otherwise the projector embedding (the
         space the SMI loss is computed in), or the pooled features without a projector."""
-        h = self.embed(x)
-        if self.fc is not None:
-            return self.fc(h)
-        return self.projector(h) if self.projector is not None else h
+        return self.forward_head(self.forward_features(x))
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict of the backbone only: torchvision ResNet names, no ``fc``, no projector."""
@@ -431,9 +497,12 @@ class SMIModel(
         revision: str | None = None,
         map_location: str | torch.device = "cpu",
         strict: bool = True,
+        num_classes: int | None = None,
     ) -> SMIModel:
         """Load a weights folder or a Hugging Face repo id (downloaded, or from the cache when
         ``HF_HUB_OFFLINE=1``) strictly; the architecture comes from its ``config.json``.
+        ``num_classes``: as ``smi_hub.load(..., num_classes=K)`` (a fresh K-way head unless
+        the loaded head already has K classes; 0 removes it).
 
         Replaces the mixin's version, which reads ``config.json`` through ``hf_hub_download``
         first and so leaks huggingface_hub's errors (e.g. ``LocalEntryNotFoundError`` offline
@@ -445,7 +514,9 @@ class SMIModel(
                 "SMIModel(...) and call load_state_dict(..., strict=False) yourself to load a "
                 "partial state dict."
             )
-        return cls._from_pretrained(
+        if num_classes is not None:
+            check_num_classes(num_classes)  # before anything is downloaded
+        model = cls._from_pretrained(
             model_id=str(pretrained_model_name_or_path),
             revision=revision,
             cache_dir=cache_dir,
@@ -454,6 +525,7 @@ class SMIModel(
             token=token,
             map_location=map_location,
         )
+        return with_num_classes(model, num_classes).eval()
 
     @classmethod
     def _from_pretrained(
@@ -479,6 +551,49 @@ class SMIModel(
         )
         model_kwargs.pop("strict", None)  # loading is always strict
         return load_weights_folder(folder, device=map_location)
+
+
+class FeatureInfo(list):
+    """timm's ``FeatureInfo`` of the maps a features-only model returns: a list of dicts
+    (``num_chs``, ``reduction``, ``module``) with timm's accessors."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
+
+
+class SMIFeatures(nn.Module):
+    """A backbone returning a list of feature maps, as timm's ``features_only=True`` models
+    (``smi_hub.load(name, features_only=True, out_indices=(1, 2, 3, 4))``). ``out_indices``
+    are stage indices: 0 the stem activation, 1-4 ``layer1``-``layer4`` (negative from the
+    end); only as deep as needed is computed."""
+
+    def __init__(self, model: SMIModel, out_indices: Sequence[int] = (0, 1, 2, 3, 4)) -> None:
+        super().__init__()
+        take = _take_indices(len(STAGES), list(out_indices))
+        model.projector, model.projector_dims = None, []
+        model.reset_classifier(0)
+        self.model = model
+        self.out_indices = take
+        self.feature_info = FeatureInfo(model.feature_info[i] for i in take)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_intermediates(  # type: ignore[return-value]
+            x, indices=self.out_indices, stop_early=True, intermediates_only=True
+        )
+
+
+def with_num_classes(model: SMIModel, num_classes: int | None) -> SMIModel:
+    """``model`` with a ``num_classes``-way head (checked by :func:`check_num_classes`): a
+    fresh one unless the head already has that size (a fine-tuned classifier is kept)."""
+    if num_classes is not None and check_num_classes(num_classes) != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
 
 
 def load_state_dict_strict(model: SMIModel, state_dict: dict[str, torch.Tensor]) -> None:

@@ -133,3 +133,20 @@ def validate_config(config: dict[str, Any], source: str = "config.json") -> None
             f"{source} has invalid values: " + "; ".join(problems) + ". Fix these fields or "
             "re-export the weights folder (smi-hub export / SMIModel.save_pretrained)."
         )
+
+
+def check_num_classes(num_classes: object) -> int:
+    """``num_classes`` as an int from 0 (no head) to :data:`MAX_NUM_CLASSES`, the range
+    config.json allows; anything else (1.5, True, "3", [3], 10**7) raises a clear error
+    before any head is allocated."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise TypeError(
+            f"num_classes = {num_classes!r}: must be an integer from 0 (no head) to "
+            f"{MAX_NUM_CLASSES:,}, got a {type(num_classes).__name__}."
+        )
+    if not 0 <= num_classes <= MAX_NUM_CLASSES:
+        raise ValueError(
+            f"num_classes = {num_classes!r}: must be an integer from 0 (no head) to "
+            f"{MAX_NUM_CLASSES:,} (the range config.json allows)."
+        )
+    return num_classes

@@ -248,7 +248,10 @@ def test_main_and_cli_start_the_app(env, monkeypatch):
     assert app.main([*argv, "--port", "7999"]) == 0
     blocks, kw = calls[-1]
     assert kw["server_name"] == "127.0.0.1" and kw["server_port"] == 7999
-    assert kw["share"] is False and str(env["gallery"]) in kw["allowed_paths"]
+    assert kw["share"] is False and str(env["gallery"]) not in kw["allowed_paths"]
+    # only the example images the page shows, each one a gallery image (#18 item 9)
+    assert kw["allowed_paths"] == app.core.example_images(blocks.smi_engine)
+    assert all(Path(p).parent.parent == Path(env["gallery"]) for p in kw["allowed_paths"])
     assert blocks.smi_engine.model_name == str(env["a"]) and len(blocks.smi_engine.index) == 30
 
     from smi_hub.cli import main as cli_main

@@ -136,7 +136,7 @@ def test_sample_reads_every_item_shape(fmnist, tmp_path):
         (im, None),
         (str(path), None),
         (path, None),
-        ((im, "coat"), None),
+        ((im, "coat"), "coat"),  # string labels are kept (datasets' string label columns)
         ((im, torch.tensor([1, 2])), None),
     ]:
         x, i, got, err = F._sample(item, 7, to_float, None)
@@ -251,11 +251,17 @@ def test_sources_and_their_messages(tmp_path, fmnist, probe):
     assert (src.kind, src.n, src.ids) == ("tensor", 1, None) and src.data.shape == (1, 3, 4, 4)
     assert F._source(t, to_float).fingerprint != F._source(t + 1, to_float).fingerprint
     assert (
-        F._source(t, to_float).fingerprint != F._source(t.reshape(1, 6, 4, 4), to_float).fingerprint
+        F._source(t, to_float).fingerprint != F._source(t.reshape(1, 3, 8, 4), to_float).fingerprint
     )
     with pytest.raises(ValueError) as e:
         F._source(torch.rand(4, 4), to_float)
-    assert str(e.value) == "A tensor input must be B x 3 x H x W, got (4, 4)."
+    assert str(e.value) == (
+        "A float tensor input must be a preprocessed batch B x 3 x H x W, got (4, 4); pass raw "
+        "pixels as uint8 (B x C x H x W or B x H x W), PIL images or paths to get the model's "
+        "preprocessing."
+    )
+    with pytest.raises(ValueError, match=r"got \(1, 6, 4, 4\)"):
+        F._source(t.reshape(1, 6, 4, 4), to_float)
     with pytest.raises(FileNotFoundError) as e:
         F._source("", to_float)
     assert str(e.value) == "The input path is empty; name a folder, image or list file."
@@ -414,7 +420,7 @@ def test_in_memory_batches_names_and_labels(fmnist, probe):
     assert probe.batches == [4, 4, 3] and stream.labels.tolist() == labels
     torch.testing.assert_close(stream.features, ref)
     mixed = Listed([(images[0], 1), (images[1], "coat")])
-    assert extract(probe, mixed).labels is None
+    assert extract(probe, mixed).labels == [1, "coat"]  # kept as given, not dropped
     with pytest.raises(ValueError) as e:
         extract(probe, images, batch_size=0)
     assert str(e.value) == "batch_size must be >= 1, got 0."

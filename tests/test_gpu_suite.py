@@ -232,3 +232,20 @@ def test_environment_step_records_versions(tmp_path):
     assert res["torch"] == torch.__version__ and res["cpu_count"] == os.cpu_count()
     assert res["peak"]["device_name"] and res["peak"]["datasheet_bf16_flops"] is None
     assert "gpu" not in res  # a CPU run records no GPU
+
+
+@pytest.mark.slow
+def test_quick_input_pipeline_step(tmp_path):
+    """`--steps input_pipeline` (not in the default run) at tiny sizes on the CPU: JPEGs made,
+    every per-core row measured, steps fed from the files next to the step alone."""
+    out = tmp_path / "r.json"
+    assert gs.main(["--quick", "--steps", "input_pipeline", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())["steps"]["input_pipeline"]
+    assert rec["status"] == "ok" and rec["budget_s"] == gs.QUICK_EXTRA_BUDGETS["input_pipeline"]
+    rows = rec["result"]["per_core"]
+    assert rows[0]["variant"].startswith("today") and rows[0]["cost_vs_today"] == 1.0
+    assert all(r["ms_per_image_per_core"] > 0 for r in rows)
+    e2e = rec["result"]["end_to_end"]
+    assert e2e["timed_steps"] == gs.INPUT["quick"]["steps"]
+    assert e2e["images_per_s_end_to_end"] > 0 and e2e["images_per_s_step_only"] > 0
+    assert "input_pipeline" not in gs.budgets(gs.build_parser().parse_args(["--out", "x"]))

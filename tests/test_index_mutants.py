@@ -328,7 +328,7 @@ def test_build_report_and_knob_tuning_follow_the_documented_rule():
     assert EmbeddingIndex.build(db, kind="ivf", queries=1).metadata["build"]["queries"] == 1
     hnsw = EmbeddingIndex.build(db, kind="hnsw", ef_search=24, queries=20, metadata={"m": 1})
     assert hnsw.ef_search == 24 and hnsw.metadata["build"]["efSearch"] == 24
-    assert hnsw.metadata["m"] == 1 and set(hnsw.metadata) == {"m", "build"}
+    assert hnsw.metadata["m"] == 1 and set(hnsw.metadata) == {"m", "build", "neighbour_profile"}
     quiet = EmbeddingIndex.build(db, kind="ivf", queries=0, train_size=1000)
     assert quiet.nprobe is None and "recall_at_10" not in quiet.metadata["build"]
     assert quiet.metadata["build"]["train_vectors"] == 1000

@@ -201,10 +201,10 @@ def test_forward_head_num_classes_and_load_with_a_fresh_head(tmp_path):
     assert again.num_classes == 4 and torch.equal(again.fc.weight, model.fc.weight)
     assert smi_hub.load(tmp_path / "k", num_classes=4).fc.weight.equal(model.fc.weight)
     assert smi_hub.load(tmp_path / "k", num_classes=0).num_classes == 0
-    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+    with pytest.raises(ValueError, match="must be an integer from 0"):
         model.reset_classifier(-1)
     with pytest.raises(ValueError, match="2 class_names"):
-        model.reset_classifier(3, ["a", "b"])
+        model.reset_classifier(3, class_names=["a", "b"])
 
 
 # --- deterministic bytes ----------------------------------------------------------------------

@@ -34,6 +34,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.schema",
             "smi_hub.images",
             "smi_hub.fashion_mnist",
+            "smi_hub.ood",
+            "smi_hub.mmap_tensors",
         ),
     ),
     ("catalog", ("smi_hub.registry", "smi_hub.model_card")),
@@ -49,9 +51,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.localization",
             "smi_hub.gallery",
             "smi_hub.hf_datasets",
+            "smi_hub.store_export",
+            "smi_hub.search_service",
         ),
     ),
-    ("entry points", ("smi_hub", "smi_hub.cli", "hubconf", "demo.app", "demo.engine")),
+    (
+        "entry points",
+        ("smi_hub", "smi_hub.cli", "hubconf", "demo.app", "demo.engine", "smi_hub.serve"),
+    ),
     ("training", ("training", "training.*")),
 ]
 # modules whose functions may import project modules (what they defer, and why)

@@ -83,6 +83,12 @@ class AugmentConfig:
     blur_prob: list[float] = field(default_factory=lambda: [1.0, 0.1])
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     solarize_prob: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    # Where the per-image augmentations after the crop run (docs/training.md, "Input
+    # pipeline"): ``cpu`` = all of them in the DataLoader workers (PIL); ``gpu`` = workers only
+    # decode, crop and flip, the rest runs batched on the training device (training.
+    # batch_augment; on a CPU run that device is the CPU); ``auto`` = ``gpu`` when training on
+    # CUDA, else ``cpu``.
+    device: str = "auto"
 
 
 @dataclass
@@ -348,6 +354,7 @@ LOSS_KWARGS: dict[str, dict[str, Range | None]] = {
     },
 }
 DEVICES = ("auto", "cpu", "cuda")
+AUGMENT_DEVICES = ("auto", "cpu", "gpu")
 
 
 def _get(cfg: PretrainConfig, key: str) -> Any:
@@ -380,6 +387,7 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
     _check_choice("data.source", cfg.data.source, SOURCES)
     _check_choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     _check_choice("train.precision", cfg.train.precision, PRECISIONS)
+    _check_choice("data.augment.device", cfg.data.augment.device, AUGMENT_DEVICES)
     for key in ("output_dir", "data.path", "data.split", "data.image_key", "data.label_key"):
         _check_text(key, _get(cfg, key))
     if cfg.data.source == "fashion_mnist":

@@ -346,7 +346,9 @@ class SafeTwoViewDataset(torch.utils.data.Dataset):
                 skipped += 1
                 continue
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed(self.seed, self.epoch, i))
+                # the CPU generator only: torch.manual_seed also queues a lazy CUDA seeding
+                # with a captured stack trace, which cost more than the augmentations
+                torch.default_generator.manual_seed(_mix_seed(self.seed, self.epoch, i))
                 a, b = self.transform(image)
             return a, b, skipped
         raise DataError(

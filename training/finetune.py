@@ -227,7 +227,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: Sequence[str
     torch.manual_seed(cfg.seed)  # random init and the head's init
     model = smi_hub.load(cfg.model, pretrained=not cfg.random_init)
     model.projector, model.projector_dims = None, []
-    model.reset_classifier(num_classes, class_names)
+    model.reset_classifier(num_classes, class_names=class_names)
     return model
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from smi_hub.models import SMIModel
 from smi_hub.outputs import OutputFolderError, claim_output_dir, resolve_output
 from training import distributed as D
+from training.batch_augment import BatchAugment, CropTwoViews, view_specs
 from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -101,6 +103,15 @@ class MetricsLogger:
             self.tb.close()
 
 
+def backward_scale(loss_fn: nn.Module) -> int:
+    """The factor on the loss before ``backward`` under DDP, which averages gradients over
+    ranks. A gathered (global-batch) loss is the same on every rank, and each rank
+    backpropagates only through its own rows: x world size restores the global gradient. A
+    local loss (``loss.kwargs.gather: false``) is each rank's own term: x 1, and the average is
+    the gradient of the mean of the local losses."""
+    return D.world_size() if getattr(loss_fn, "gather", True) else 1
+
+
 def _unwrap(model: nn.Module) -> SMIModel:
     return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
 
@@ -112,15 +123,17 @@ def monitor_embeddings(
     device: torch.device,
     precision: str,
     batch_size: int,
+    prepare: Callable[[Any], torch.Tensor],
 ) -> dict[str, float]:
-    """Collapse monitors of backbone and projector embeddings of a fixed set of image pairs."""
+    """Collapse monitors of backbone and projector embeddings of a fixed set of image pairs
+    (``prepare``: a loader batch of one view -> the model's input on ``device``)."""
     was_training = model.training
     model.eval()
     feats: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "pa": [], "pb": []}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
     for a, b, _ in loader:
         for key, x in (("a", a), ("b", b)):
-            x = x.to(device, memory_format=torch.channels_last)
+            x = prepare(x)
             with D.autocast(device, precision):
                 h = model.embed(x)
                 z = model.projector(h)
@@ -133,8 +146,17 @@ def monitor_embeddings(
     return out
 
 
-def build_train_dataset(cfg: PretrainConfig) -> SafeTwoViewDataset:
-    """The two-view training dataset the config describes (probed for readability)."""
+def augment_on_device(cfg: PretrainConfig, device: torch.device) -> bool:
+    """Whether the augmentations after the crop run batched on the training device
+    (``data.augment.device``: ``gpu``, or ``auto`` on CUDA)."""
+    mode = cfg.data.augment.device
+    return mode == "gpu" or (mode == "auto" and device.type == "cuda")
+
+
+def build_train_dataset(cfg: PretrainConfig, batched: bool = False) -> SafeTwoViewDataset:
+    """The two-view training dataset the config describes (probed for readability). With
+    ``batched``, workers only decode, crop and flip (:class:`CropTwoViews`); the rest is
+    :func:`view_preparer`'s :class:`BatchAugment` on the training device."""
     d = cfg.data
     base = build_source(d.source, d.path, d.split, d.image_key, d.label_key)
     idx = subset_indices(len(base), d.subset, cfg.seed)
@@ -142,8 +164,23 @@ def build_train_dataset(cfg: PretrainConfig) -> SafeTwoViewDataset:
         base = IndexedSubset(base, idx)
     check_readable(base, d.max_bad_fraction, seed=cfg.seed)
     m = cfg.model
-    transform = two_view_transform(m.image_size, m.mean, m.std, d.augment)
+    if batched:
+        transform = CropTwoViews(m.image_size, view_specs(d.augment))
+    else:
+        transform = two_view_transform(m.image_size, m.mean, m.std, d.augment)
     return SafeTwoViewDataset(base, transform, seed=cfg.seed)
+
+
+def view_preparer(
+    cfg: PretrainConfig, device: torch.device, batched: bool
+) -> Callable[[Any], torch.Tensor]:
+    """Loader batch of one view -> the model's input on ``device``: the batched augmentation
+    (``batched``), or a plain transfer of the workers' finished views."""
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    if batched:
+        m, a = cfg.model, cfg.data.augment
+        return BatchAugment(m.mean, m.std, max(a.blur_sigma), device, cfg.train.channels_last)
+    return lambda x: x.to(device, non_blocking=True).contiguous(memory_format=layout)
 
 
 def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
@@ -178,7 +215,9 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     D.barrier()
 
     torch.manual_seed(cfg.seed)
-    dataset = build_train_dataset(cfg)
+    batched = augment_on_device(cfg, device)
+    dataset = build_train_dataset(cfg, batched)
+    prepare = view_preparer(cfg, device, batched)
     sampler = ResumableSampler(len(dataset), local_bs, ws, rk, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -200,6 +239,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     elif ws > 1 and cfg.train.sync_bn and is_main:
         log.info("SyncBatchNorm needs GPUs; on CPU each process normalizes its own batch.")
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.kwargs)
+    grad_scale = backward_scale(loss_fn)
     peak_lr = cfg.train.lr * (cfg.train.batch_size / 256 if cfg.train.lr_scale_batch else 1.0)
     optimizer = build_optimizer(
         model,
@@ -271,6 +311,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                 "step": 0,
                 "world_size": ws,
                 "device": str(device),
+                "augment_device": "batched on " + device.type if batched else "cpu workers",
                 "dataset_size": len(dataset),
                 "steps_per_epoch": steps_per_epoch,
                 "total_steps": total_steps,
@@ -340,11 +381,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             window_t, window_n = time.time(), 0
             epoch_loss, epoch_n, epoch_skipped = 0.0, 0, 0
             for a, b, skipped in loader:
-                a = a.to(device, non_blocking=True)
-                b = b.to(device, non_blocking=True)
-                if cfg.train.channels_last:
-                    a = a.contiguous(memory_format=torch.channels_last)
-                    b = b.contiguous(memory_format=torch.channels_last)
+                a, b = prepare(a), prepare(b)
                 n_skipped = int(skipped.sum())
                 epoch_skipped += n_skipped
                 with D.autocast(device, cfg.train.precision):
@@ -353,7 +390,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                 loss = loss_fn(z_a, z_b) if bool(D.all_reduce_min_flag(finite)) else None
                 ok = loss is not None and bool(D.all_reduce_min_flag(torch.isfinite(loss)))
                 if ok:
-                    scaler.scale(loss * ws).backward()
+                    scaler.scale(loss * grad_scale).backward()
                     scaler.unscale_(optimizer)
                     params = [p for p in model.parameters() if p.grad is not None]
                     max_norm = math.inf if cfg.train.grad_clip is None else cfg.train.grad_clip
@@ -441,7 +478,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             if monitor_ds is not None and is_main:
                 record.update(
                     monitor_embeddings(
-                        _unwrap(model), monitor_ds, device, cfg.train.precision, local_bs
+                        _unwrap(model), monitor_ds, device, cfg.train.precision, local_bs, prepare
                     )
                 )
             metrics.write(record)
