@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from training.eval_data import cached_features
-from training.finetune import FinetuneConfig, finetune
+from training.finetune import finetune
+from training.finetune_data import FinetuneConfig
 from training.probes import linear_probe
 
 

@@ -16,14 +16,15 @@ import smi_hub
 from smi_hub import fashion_mnist
 from smi_hub.cli import main as cli_main
 from training import finetune as ft
+from training import finetune_loop
 from training.checkpoint import load_checkpoint
-from training.finetune import (
+from training.finetune_data import (
     FinetuneConfig,
     FinetuneError,
-    build_param_groups,
     select_label_subset,
     split_validation,
 )
+from training.finetune_loop import build_param_groups
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -151,7 +152,7 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch, crash_at):
     straight = ft.finetune(FinetuneConfig(out=str(tmp_path / "a"), **common))
 
     calls = {"n": 0}
-    real_step = ft._train_step
+    real_step = finetune_loop._train_step
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -160,10 +161,10 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch, crash_at):
         return real_step(*args, **kwargs)
 
     cfg = FinetuneConfig(out=str(tmp_path / "b"), **common)
-    monkeypatch.setattr(ft, "_train_step", crashing)
+    monkeypatch.setattr(finetune_loop, "_train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(cfg)
-    monkeypatch.setattr(ft, "_train_step", real_step)
+    monkeypatch.setattr(finetune_loop, "_train_step", real_step)
     with pytest.raises(FinetuneError, match="--resume auto"):
         ft.finetune(cfg)
     resumed = ft.finetune(cfg, resume="auto")
@@ -190,7 +191,9 @@ def test_bf16_frozen_backbone_and_random_init(tmp_path):
     bs = base.backbone_state_dict()
     for state in (tuned.backbone_state_dict(), last):  # the best and the last step
         assert all(torch.equal(bs[k], state[k]) for k in bs)
-    rnd = ft.build_model(FinetuneConfig(random_init=True), 10, [str(i) for i in range(10)])
+    rnd = finetune_loop.build_model(
+        FinetuneConfig(random_init=True), 10, [str(i) for i in range(10)]
+    )
     assert not torch.equal(rnd.conv1.weight, base.conv1.weight)
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 import smi_hub
 from smi_hub import fashion_mnist
 from training import finetune as ft
-from training.finetune import FinetuneConfig, build_param_groups
+from training.finetune_data import FinetuneConfig
+from training.finetune_loop import build_param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -113,7 +113,7 @@ def _image_folder(root, per_class=6):
 def test_finetune_on_an_image_folder_gets_a_model_index(tmp_path):
     """A real fine-tune of the embedded default on an image folder of Fashion-MNIST photos."""
     from training import finetune as ft
-    from training.finetune import FinetuneConfig
+    from training.finetune_data import FinetuneConfig
 
     data = _image_folder(tmp_path / "clothes")
     result = ft.finetune(FinetuneConfig(

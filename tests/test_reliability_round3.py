@@ -105,7 +105,7 @@ def test_export_of_an_intact_checkpoint_still_works(tmp_path):
 def test_export_of_a_finetuning_checkpoint(tmp_path):
     """Long tail: a fine-tuning checkpoint (its config's ``data`` is a string) exports into a
     classifier folder instead of an AttributeError."""
-    from training.finetune import FinetuneConfig
+    from training.finetune_data import FinetuneConfig
 
     model = tiny()
     model.reset_classifier(3, class_names=["a", "b", "c"])
@@ -510,10 +510,11 @@ def test_finetune_settings_are_refused_before_any_work(
     tmp_path, capsys, monkeypatch, argv, message
 ):
     from training import finetune as ft
+    from training import finetune_loop
 
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    monkeypatch.setattr(ft, "build_source", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(finetune_loop, "build_source", lambda *a, **k: pytest.fail("work started"))
     out = tmp_path / "out"
     assert ft.main(["--out", str(out), "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
@@ -551,12 +552,14 @@ FINETUNE_DATA_CASES = [
 )  # fmt: skip
 def test_finetune_refuses_unusable_data(tmp_path, monkeypatch, classes, test, out_in, message):
     from training import finetune as ft
+    from training import finetune_loop
+    from training.finetune_data import FinetuneConfig, FinetuneError
 
-    monkeypatch.setattr(ft, "build_model", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(finetune_loop, "build_model", lambda *a, **k: pytest.fail("work started"))
     data = _folder(tmp_path / "data", classes, test)
     out = data / out_in if out_in else tmp_path / "out"
-    cfg = ft.FinetuneConfig(out=str(out), data="imagefolder", data_path=str(data), progress=False)
-    with pytest.raises(ft.FinetuneError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    cfg = FinetuneConfig(out=str(out), data="imagefolder", data_path=str(data), progress=False)
+    with pytest.raises(FinetuneError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ft.finetune(cfg)
     assert not out.exists()
 

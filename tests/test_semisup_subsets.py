@@ -14,9 +14,10 @@ from PIL import Image
 
 import smi_hub
 from smi_hub import SMIModel, fashion_mnist
-from training import evaluate
+from training import evaluate, finetune_loop
 from training import finetune as ft
 from training.data import ImageFolderDataset, ResumableSampler
+from training.finetune_data import FinetuneConfig
 from training.label_lists import LabelListError, label_list_indices
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,7 +96,7 @@ def test_semisup_with_a_subset_file_as_the_references(folder, weights, tmp_path,
 def test_the_last_partial_batch_is_kept(folder, weights, tmp_path):
     """10 images a class x 3, batch 8: 3 full batches and one of 6, as a DataLoader without
     drop_last (the references') gives."""
-    cfg = ft.FinetuneConfig(
+    cfg = FinetuneConfig(
         model=str(weights), data="imagefolder", data_path=str(folder), test_split=None,
         val_fraction=0.0, epochs=2, batch_size=8, keep_last_batch=True, progress=False,
         out=str(tmp_path / "o"),
@@ -118,7 +119,7 @@ def test_sampler_without_drop_last_sees_every_image_once(replicas):
 
 def test_head_starts_from_n_0_001_with_zero_bias(weights):
     torch.manual_seed(3)
-    model = ft.build_model(ft.FinetuneConfig(model=str(weights)), 200, None)
+    model = finetune_loop.build_model(FinetuneConfig(model=str(weights)), 200, None)
     w = model.fc.weight
     assert w.shape == (200, 32)
     assert w.mean().abs() < 1e-3 and w.std().item() == pytest.approx(0.01, rel=0.05)

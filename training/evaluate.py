@@ -59,7 +59,8 @@ from training.eval_data import (
     labelled_source,
     load_model,
 )
-from training.finetune import FinetuneConfig, finetune, select_label_subset
+from training.finetune import finetune
+from training.finetune_data import FinetuneConfig, select_label_subset
 from training.label_lists import LabelListError, label_list_indices, read_label_list
 from training.probes import (
     EvalError,
