@@ -115,7 +115,7 @@ def png_header_only(width: int, height: int, bit_depth: int = 1, color_type: int
 def demo_argv(monkeypatch, tmp_path) -> Callable[[], list[str]]:
     """Points ``smi-hub demo`` at a stand-in ``demo/app.py`` whose ``main`` records its
     arguments; returns a function that reads what it was given."""
-    import smi_hub.cli as cli
+    import smi_hub.cli_demo as cli_demo
 
     fake = tmp_path / "demo" / "app.py"
     fake.parent.mkdir()
@@ -124,7 +124,7 @@ def demo_argv(monkeypatch, tmp_path) -> Callable[[], list[str]]:
         "import json\n"
         f"def main(argv):\n    open({str(record)!r}, 'w').write(json.dumps(argv))\n    return 0\n"
     )
-    monkeypatch.setattr(cli, "demo_app_path", lambda: fake)
+    monkeypatch.setattr(cli_demo, "demo_app_path", lambda: fake)
     return lambda: json.loads(record.read_text())
 
 

@@ -86,9 +86,9 @@ def test_export_cli(weights, tmp_path, capsys, run_checkpoint):
 
 
 def test_demo_without_checkout(monkeypatch, tmp_path, capsys):
-    import smi_hub.cli as cli
+    import smi_hub.cli_demo as cli_demo
 
-    monkeypatch.setattr(cli, "demo_app_path", lambda: tmp_path / "demo" / "app.py")
+    monkeypatch.setattr(cli_demo, "demo_app_path", lambda: tmp_path / "demo" / "app.py")
     assert main(["demo"]) == 1
     assert "the demo needs a source checkout" in capsys.readouterr().err.lower()
 

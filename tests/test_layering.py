@@ -60,12 +60,31 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     (
         "entry points",
-        ("smi_hub", "smi_hub.cli", "hubconf", "demo.app", "demo.engine", "smi_hub.serve"),
+        (
+            "smi_hub",
+            "smi_hub.cli",
+            "smi_hub.cli_args",
+            "smi_hub.cli_weights",
+            "smi_hub.cli_features",
+            "smi_hub.cli_search",
+            "smi_hub.cli_demo",
+            "hubconf",
+            "demo.app",
+            "demo.engine",
+            "smi_hub.serve",
+        ),
     ),
     ("training", ("training", "training.*")),
 ]
 # modules whose functions may import project modules (what they defer, and why)
-LOCAL_IMPORTS_ALLOWED = {"smi_hub.cli": "each command imports what it runs: start-up time"}
+_DEFERRED = "each command imports what it runs: start-up time"
+LOCAL_IMPORTS_ALLOWED = {
+    "smi_hub.cli_args": "the output check imports smi_hub.outputs when it runs: start-up time",
+    "smi_hub.cli_weights": _DEFERRED,
+    "smi_hub.cli_features": _DEFERRED,
+    "smi_hub.cli_search": _DEFERRED,
+    "smi_hub.cli_demo": _DEFERRED,
+}
 
 
 class Edge(NamedTuple):
