@@ -11,7 +11,6 @@ import torch
 from smi_hub.download import fetch_weights_url, is_url
 from smi_hub.errors import ChecksumError, WeightsError, WeightsNotPublishedError
 from smi_hub.models import (
-    SMIFeatures,
     SMIModel,
     build_model_from_config,
     load_weights_folder,
@@ -19,6 +18,7 @@ from smi_hub.models import (
 )
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, list_models, preprocessing
 from smi_hub.schema import check_num_classes
+from smi_hub.timm_compat import SMIFeatures
 from smi_hub.weights import WEIGHTS_NAME, read_config, resolve_hf_folder
 
 

@@ -32,6 +32,7 @@ from smi_hub.schema import (
     default_resize_ratio,
     validate_config,
 )
+from smi_hub.timm_compat import STAGES, TimmCompatMixin
 from smi_hub.weights import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -47,25 +48,6 @@ BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {
     "basic": BasicBlock,
     "bottleneck": Bottleneck,
 }
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-
-
-def _take_indices(n: int, indices: int | Sequence[int] | None) -> list[int]:
-    """timm's ``feature_take_indices``: None -> all, int k -> the last k, else these
-    (negative from the end); out-of-range values raise ``ValueError``."""
-    if indices is None:
-        indices = n
-    if isinstance(indices, int):
-        if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: take the last 1 to {n} stages.")
-        return list(range(n - indices, n))
-    take = []
-    for i in indices:
-        j = n + i if i < 0 else i
-        if not 0 <= j < n:
-            raise ValueError(f"Stage index {i} is out of range for {n} stages ({list(STAGES)}).")
-        take.append(j)
-    return take
 
 
 def _make_stage(
@@ -98,6 +80,7 @@ def build_projector(in_dim: int, dims: Sequence[int], hidden_bias: bool = False)
 
 class SMIModel(
     nn.Module,
+    TimmCompatMixin,
     PyTorchModelHubMixin,
     library_name="smi-hub",
     tags=["self-supervised-learning", "smi", "image-feature-extraction"],
@@ -276,13 +259,6 @@ class SMIModel(
         self.class_names = names or [f"class_{i}" for i in range(self.num_classes)]
         self.fc = nn.Linear(self.num_features, self.num_classes) if self.num_classes else None
 
-    def get_classifier(self, name_only: bool = False) -> nn.Module | str:
-        """The classifier head (``nn.Identity`` when there is none), or its name ``"fc"``
-        with ``name_only``, as timm."""
-        if name_only:
-            return "fc"
-        return self.fc if self.fc is not None else nn.Identity()
-
     @property
     def feature_info(self) -> list[dict]:
         """timm's ``feature_info`` of a ResNet: channels, stride and module of the stem
@@ -296,24 +272,6 @@ class SMIModel(
             chs = self.base_width * 2**i * block.expansion
             info.append(dict(num_chs=chs, reduction=reduction, module=f"layer{i + 1}"))
         return info
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each residual block's activations in the backward pass instead of storing
-        them (less memory, about one more forward of compute), as timm."""
-        self.grad_checkpointing = bool(enable)
-
-    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
-        """timm's parameter groups of a ResNet (for layer-wise learning-rate decay): the stem,
-        then one group per stage (``coarse``) or per block; the head and projector fall into
-        timm's last group."""
-        return dict(
-            stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"
-        )
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names to exempt from weight decay beyond timm's default rule (which
-        already exempts every bias and norm weight): none, as timm's ResNet."""
-        return set()
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``layer{i}``, block by block under gradient checkpointing when enabled."""
@@ -333,36 +291,6 @@ class SMIModel(
                 f"{tuple(x.shape)}; convert grayscale/RGBA images to RGB first "
                 "(smi_hub.get_transforms does)."
             )
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's contract: feature maps of stages 0 (stem, before the max-pool) to 4
-        (``layer4``). ``indices``: the last n stages if an int, all if None, else these stage
-        indices (negative from the end). Returns ``(final map, intermediates)``, or only the
-        list with ``intermediates_only``. ``norm`` is accepted for timm compatibility (ResNets
-        have no final norm). See :meth:`forward_stages` for maps keyed by stage name."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}.")
-        self._check_input(x)
-        take = _take_indices(len(STAGES), indices)
-        intermediates: list[torch.Tensor] = []
-        x = self.relu(self.bn1(self.conv1(x)))
-        if 0 in take:
-            intermediates.append(x)
-        x = self.maxpool(x)
-        last = max(take) if stop_early else len(STAGES) - 1
-        for i in range(1, last + 1):
-            x = self._stage(i, x)
-            if i in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_stages(
         self, x: torch.Tensor, layers: Sequence[str] = STAGES[1:]
@@ -566,41 +494,6 @@ class SMIModel(
         )
         model_kwargs.pop("strict", None)  # loading is always strict
         return load_weights_folder(folder, device=map_location)
-
-
-class FeatureInfo(list):
-    """timm's ``FeatureInfo`` of the maps a features-only model returns: a list of dicts
-    (``num_chs``, ``reduction``, ``module``) with timm's accessors."""
-
-    def channels(self) -> list[int]:
-        return [f["num_chs"] for f in self]
-
-    def reduction(self) -> list[int]:
-        return [f["reduction"] for f in self]
-
-    def module_name(self) -> list[str]:
-        return [f["module"] for f in self]
-
-
-class SMIFeatures(nn.Module):
-    """A backbone returning a list of feature maps, as timm's ``features_only=True`` models
-    (``smi_hub.load(name, features_only=True, out_indices=(1, 2, 3, 4))``). ``out_indices``
-    are stage indices: 0 the stem activation, 1-4 ``layer1``-``layer4`` (negative from the
-    end); only as deep as needed is computed."""
-
-    def __init__(self, model: SMIModel, out_indices: Sequence[int] = (0, 1, 2, 3, 4)) -> None:
-        super().__init__()
-        take = _take_indices(len(STAGES), list(out_indices))
-        model.projector, model.projector_dims = None, []
-        model.reset_classifier(0)
-        self.model = model
-        self.out_indices = take
-        self.feature_info = FeatureInfo(model.feature_info[i] for i in take)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_intermediates(  # type: ignore[return-value]
-            x, indices=self.out_indices, stop_early=True, intermediates_only=True
-        )
 
 
 def with_num_classes(model: SMIModel, num_classes: int | None) -> SMIModel:
