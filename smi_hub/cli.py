@@ -28,6 +28,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _refine(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be auto, 0 (off) or a k factor >= 1, got {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -176,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
     p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (default: tuned)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned)")
+    p.add_argument(
+        "--refine",
+        type=_refine,
+        default="auto",
+        help="re-rank k x N candidates exactly on the float vectors, memory-mapped from the "
+        "index folder (0: off; auto: N=8 when auto picks lossy codes and they fit --disk-budget)",
+    )
+    p.add_argument("--disk-budget", default="64GB", help="disk for the float vectors (--refine)")
 
     p = sub.add_parser("search", help="nearest neighbours of an image in an index")
     p.add_argument("index_dir")
@@ -410,11 +430,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         nprobe=args.nprobe,
         ef_search=args.ef_search,
+        refine=args.refine,
+        disk_budget=args.disk_budget,
     )
     index.save(args.out)
     skipped = f"; {len(failed)} unreadable file(s) skipped" if failed else ""
     report = index.metadata["build"]
-    how = report["factory"]
+    how = report["factory"] + (f", refine k x {index.refine}" if index.refine else "")
     if "recall_at_10" in report:
         knob = "nprobe" if "nprobe" in report else "efSearch"
         how += (

@@ -41,6 +41,14 @@ from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import atomic_folder, recover_folder
 from smi_hub.mmap_tensors import mmap_tensor
 from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
+from smi_hub.refine import (
+    DEFAULT_DISK_BUDGET,
+    VECTORS_NAME,
+    RefineVectors,
+    check_refine,
+    resolve_refine,
+    tune_k_factor,
+)
 
 INDEX_FORMAT = 2
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -181,6 +189,10 @@ class EmbeddingIndex:
         memory_budget: bytes (or ``"2GB"``) the vectors may take, for ``kind="auto"``.
         nprobe, ef_search: search-time knobs of IVF / HNSW kinds (more: slower, more exact);
             :meth:`build` tunes them to ``target_recall`` when not given.
+        refine: re-rank ``k * refine`` approximate candidates exactly on the float vectors,
+            memory-mapped from ``vectors.npy`` (0: off; ``"auto"``: see :mod:`smi_hub.refine`).
+        disk_budget: bytes (or ``"64GB"``) the float vectors may take on disk, for
+            ``refine="auto"``.
     """
 
     def __init__(
@@ -192,6 +204,8 @@ class EmbeddingIndex:
         memory_budget: int | str = DEFAULT_BUDGET,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine: int | str | None = "auto",
+        disk_budget: int | str = DEFAULT_DISK_BUDGET,
     ) -> None:
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}.")
@@ -207,6 +221,15 @@ class EmbeddingIndex:
         self.labels: list[Any] = []
         self.nprobe = nprobe
         self.ef_search = ef_search
+        self.refine = check_refine(refine)
+        if kind == "flat" and self.refine not in (0, "auto"):
+            raise ValueError(
+                "refine re-ranks an approximate index's candidates; kind='flat' is "
+                "exact already: drop refine or pick an approximate kind."
+            )
+        self.refine = 0 if kind == "flat" else self.refine
+        self.disk_budget = parse_bytes(disk_budget)
+        self._vectors: RefineVectors | None = None
         self._faiss: Any = None
         self._mapped = False  # a memory-mapped faiss index (read-only)
         if self.backend == "faiss":
@@ -228,7 +251,10 @@ class EmbeddingIndex:
         if self.factory is None:
             assert self.dim is not None
             self.factory = factory_string(self.kind, n, self.dim, self.memory_budget)
-            self.kind = _kind_of(self.factory)
+            was_auto, self.kind = self.kind == "auto", _kind_of(self.factory)
+            self.refine = resolve_refine(
+                self.refine, was_auto, self.kind, self.factory, n, self.dim, self.disk_budget
+            )
             if self.kind == "flat":
                 self.factory = "Flat"
             else:
@@ -295,6 +321,8 @@ class EmbeddingIndex:
                 self._faiss = faiss.deserialize_index(faiss.serialize_index(self._faiss))
                 self._mapped = False
             self._faiss.add(x.numpy())
+            if self.refine:
+                self._vectors = RefineVectors.extend(self._vectors, x.numpy())
         self.labels.extend(labels)
         return self
 
@@ -313,6 +341,8 @@ class EmbeddingIndex:
         ef_search: int | None = None,
         chunk_size: int = 65536,
         seed: int = 0,
+        refine: int | str | None = "auto",
+        disk_budget: int | str = DEFAULT_DISK_BUDGET,
     ) -> EmbeddingIndex:
         """Build an index from a :class:`~smi_hub.FeatureStore` (read shard by shard, never
         all at once) or an N x D tensor.
@@ -373,8 +403,12 @@ class EmbeddingIndex:
             memory_budget=memory_budget,
             nprobe=nprobe,
             ef_search=ef_search,
+            refine=refine,
+            disk_budget=disk_budget,
         )
         index._resolve(n)
+        if index.refine:  # the float vectors, on a temporary file until saved
+            index._vectors = RefineVectors.empty(n, dim)
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=g)
         t_train = 0.0
@@ -393,6 +427,8 @@ class EmbeddingIndex:
                 index.embeddings[pos : pos + part.shape[0]] = part
             else:
                 index._faiss.add(part.numpy())
+                if index._vectors is not None:
+                    index._vectors.write(pos, part.numpy())
             pos += part.shape[0]
         index.labels = labels
         t_built = time.perf_counter() - t0
@@ -401,6 +437,7 @@ class EmbeddingIndex:
             "factory": index.factory,
             "vectors": n,
             "train_vectors": int(len(train_ids)),
+            "refine": index.refine,
             "train_s": round(t_train, 3),
             "build_s": round(t_built, 3),
         }
@@ -424,6 +461,14 @@ class EmbeddingIndex:
                 if r >= target_recall:
                     break
             index._set_knob(knob, value)
+            if refine == "auto" and index.refine:  # a k factor auto chose: tune it too
+                index.refine, recall = tune_k_factor(
+                    lambda f: recall_at_k(index.search(q, k=k, refine=f).indices, truth),
+                    index.refine,
+                    recall,
+                    target_recall,
+                )
+                report["refine"] = index.refine
             if index.kind == "hnsw":
                 index.ef_search = value
             else:
@@ -449,14 +494,17 @@ class EmbeddingIndex:
                         else f"{name} need a memory_budget of about {need / 2**30:.1f} GiB "
                         f"(now {index.memory_budget / 2**30:.2f} GiB)"
                     )
+                    redo = f"a larger refine than {index.refine}" if index.refine else "refine=8"
                     why = (
                         f"at the best {knob} ({value}): the codes' compression is the limit; {fix}"
+                        f", or re-rank on the float vectors ({redo})"
                     )
                 else:
                     why = f"at the best {knob} ({value}; a larger one stopped helping)"
+                refined = f" re-ranking k x {index.refine}" if index.refine else ""
                 warnings.warn(
                     f"recall@10 {recall:.3f} on {q.shape[0]} held-out queries is below "
-                    f"target_recall {target_recall} for {index.factory} {why}.",
+                    f"target_recall {target_recall} for {index.factory}{refined} {why}.",
                     stacklevel=2,
                 )
         index.metadata["build"] = report
@@ -488,9 +536,11 @@ class EmbeddingIndex:
         k: int = 5,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine: int | None = None,
     ) -> SearchResult:
         """The ``k`` most cosine-similar stored vectors of each query (k is capped at len).
-        ``nprobe`` / ``ef_search`` override the index's knobs for this call."""
+        ``nprobe`` / ``ef_search`` / ``refine`` (0: off) override the index's knobs for this
+        call."""
         if len(self) == 0:
             raise ValueError("The index is empty; add() embeddings first.")
         q = _normalize(_as_matrix(queries, "queries"))
@@ -509,7 +559,19 @@ class EmbeddingIndex:
                 self._set_knob("nprobe", nprobe or self.nprobe)
             if self.kind == "hnsw" and (ef_search or self.ef_search):
                 self._set_knob("efSearch", max(k, ef_search or self.ef_search))
-            scores_np, idx_np = index.search(q.numpy(), k)
+            factor = self.refine if refine is None else check_refine(refine)
+            if factor == "auto":
+                raise ValueError("search(refine=...) takes a k factor (0: off), not 'auto'.")
+            if factor and self._vectors is None:
+                raise ValueError(
+                    "This index stores no float vectors to refine on; build it "
+                    "with refine=N (a k factor) or search with refine=0."
+                )
+            fetch = min(len(self), k * factor) if factor else k
+            scores_np, idx_np = index.search(q.numpy(), fetch)
+            if factor:
+                assert self._vectors is not None
+                scores_np, idx_np = self._vectors.rerank(q.numpy(), idx_np, k)
             scores, indices = torch.from_numpy(scores_np), torch.from_numpy(idx_np).long()
         labels = [[self.labels[j] if j >= 0 else None for j in row] for row in indices.tolist()]
         return SearchResult(scores, indices, labels)
@@ -531,6 +593,10 @@ class EmbeddingIndex:
             else:
                 name = FAISS_NAME
                 _import_faiss().write_index(self._faiss, str(tmp / name))
+            files = {name: _sha256_file(tmp / name)}
+            if self._vectors is not None:
+                self._vectors.save(tmp / VECTORS_NAME)
+                files[VECTORS_NAME] = _sha256_file(tmp / VECTORS_NAME)
             info = {
                 "format": "smi-hub-index",
                 "format_version": INDEX_FORMAT,
@@ -541,7 +607,8 @@ class EmbeddingIndex:
                 "metric": "cosine",
                 "nprobe": self.nprobe,
                 "ef_search": self.ef_search,
-                "files": {name: _sha256_file(tmp / name)},
+                "refine": self.refine if self._vectors is not None else 0,
+                "files": files,
                 "labels": self.labels,
                 "metadata": self.metadata,
             }
@@ -591,6 +658,7 @@ class EmbeddingIndex:
             kind=kind,
             nprobe=info.get("nprobe"),
             ef_search=info.get("ef_search"),
+            refine=info.get("refine", 0),
         )
         index.factory = info.get("factory", "Flat")
         index.labels = list(info["labels"])
@@ -609,6 +677,9 @@ class EmbeddingIndex:
                 index._mapped = bool(mmap)
                 index.embeddings = None
                 ok = index._faiss.ntotal == info["count"] and index._faiss.d == info["dim"]
+                if index.refine:
+                    index._vectors = _load_vectors(folder, info, mmap)
+                    ok = ok and index._vectors.array.shape == (info["count"], info["dim"])
         except SMIHubError:
             raise
         except Exception as e:
@@ -616,6 +687,17 @@ class EmbeddingIndex:
         if not ok or len(index.labels) != info["count"]:
             raise SMIHubError(f"{folder}: {INDEX_NAME} and {name} disagree; rebuild it.")
         return index
+
+
+def _load_vectors(folder: Path, info: dict[str, Any], mmap: bool) -> RefineVectors:
+    """The float vectors a refined index re-ranks on, checked against ``index.json``."""
+    path = folder / VECTORS_NAME
+    if not path.is_file() or info["files"].get(VECTORS_NAME) != _sha256_file(path):
+        raise SMIHubError(
+            f"{path} is missing or its sha256 differs from {INDEX_NAME}'s record (this index "
+            "re-ranks on it: refine); the index folder is damaged. Rebuild it."
+        )
+    return RefineVectors.load(path, mmap)
 
 
 def _sha256_file(path: Path) -> str:
