@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.images",
             "smi_hub.fashion_mnist",
             "smi_hub.ood",
+            "smi_hub.refine",
             "smi_hub.mmap_tensors",
         ),
     ),
