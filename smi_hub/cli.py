@@ -14,18 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from smi_hub.argtypes import count as _count
+from smi_hub.argtypes import memory_size, printable, probability
+from smi_hub.argtypes import port as _port
+from smi_hub.argtypes import positive_int as _positive_int
 from smi_hub.errors import SMIHubError
 
 
 class UsageError(SMIHubError):
     """A command-line argument that cannot work (exit status 2, before any work is done)."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
-    return value
 
 
 def _refine(text: str) -> int | str:
@@ -37,20 +34,6 @@ def _refine(text: str) -> int | str:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be auto, 0 (off) or a k factor >= 1, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value}")
     return value
 
 
@@ -169,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector"],
     )
     _run_args(p)
-    p.add_argument("--shard-size", type=int, default=65536, help="inputs per shard")
+    p.add_argument("--shard-size", type=_positive_int, default=65536, help="inputs per shard")
     p.add_argument("--split", default=None, help="split of a DatasetDict input (e.g. train)")
     p.add_argument("--npy", action="store_true", help="also write features.npy into the store")
 
@@ -184,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw"],
         help="auto: exact flat up to 100k vectors, else the IVF kind that fits --memory-budget",
     )
-    p.add_argument("--memory-budget", default="2GB", help="memory for the vectors (kind auto)")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (default: tuned)")
-    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: tuned)")
+    p.add_argument(
+        "--memory-budget", type=memory_size, default="2GB", help="memory for the vectors (auto)"
+    )
+    p.add_argument("--target-recall", type=probability, default=0.95, help="recall@10 to tune for")
+    p.add_argument("--nprobe", type=_positive_int, default=None, help="IVF cells searched")
+    p.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW efSearch")
     p.add_argument(
         "--refine",
         type=_refine,
@@ -195,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-rank k x N candidates exactly on the float vectors, memory-mapped from the "
         "index folder (0: off; auto: N=8 when auto picks lossy codes and they fit --disk-budget)",
     )
-    p.add_argument("--disk-budget", default="64GB", help="disk for the float vectors (--refine)")
+    p.add_argument(
+        "--disk-budget", type=memory_size, default="64GB", help="disk for the float vectors"
+    )
 
     p = sub.add_parser("search", help="nearest neighbours of an image in an index")
     p.add_argument("index_dir")
@@ -203,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=5)
     _model_arg(p)
     p.add_argument("--device", default=None)
-    p.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (more: exacter)")
-    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (more: exacter)")
+    p.add_argument("--nprobe", type=_positive_int, default=None, help="IVF cells searched")
+    p.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW efSearch")
 
     p = sub.add_parser("export", help="training checkpoint -> weights folder")
     p.add_argument("checkpoint")
@@ -399,11 +386,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         vectors = store = FeatureStore.open(args.folder)
         if len(store.row_shape) != 1:
             raise SMIHubError(
-                f"{args.folder} holds {store.manifest['layer']} maps {store.row_shape}; index "
+                f"{args.folder} holds {store.manifest.get('layer')} maps {store.row_shape}; index "
                 "pooled features (smi-hub extract --layer pooled)."
             )
         labels, failed = [str(p) for p in store.paths], store.failed
-        meta = {"model": store.manifest["model"], "layer": store.manifest["layer"]}
+        meta = {"model": store.manifest.get("model"), "layer": store.manifest.get("layer")}
     else:
         model = load(args.model, device=args.device)
         result = extract_features(
@@ -461,9 +448,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 1
     found = index.search(result.features, k=args.k, nprobe=args.nprobe, ef_search=args.ef_search)
     for q, scores, labels in zip(result.paths, found.scores, found.labels, strict=True):
-        print(f"query: {q}")
+        print(f"query: {printable(q)}")
         for rank, (s, label) in enumerate(zip(scores.tolist(), labels, strict=True), 1):
-            print(f"  {rank:2d}. {s:.4f}  {label}")
+            print(f"  {rank:2d}. {s:.4f}  {printable(label)}")
     return 0
 
 
@@ -532,7 +519,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         with torch.no_grad():
             probs = model(x).float().softmax(dim=1)[0]
         top = probs.topk(min(args.top, model.num_classes))
-        print(path)
+        print(printable(path))
         if service is not None:
             answer = service.search_vector(service.embed(load_image(path)), k=1)
             if answer["in_domain"] is False:
@@ -544,7 +531,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             elif answer["in_domain"]:
                 print(f"  in domain (percentile {answer['percentile']:.1f})")
         for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            print(f"  {p:7.2%}  {model.class_names[i]}")
+            print(f"  {p:7.2%}  {printable(model.class_names[i])}")
     return status
 
 

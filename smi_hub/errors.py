@@ -44,3 +44,7 @@ class DownloadError(SMIHubError, OSError):
 
 class CheckpointError(SMIHubError, ValueError):
     """A file is not a usable smi-hub training checkpoint (wrong format, pickled objects, keys)."""
+
+
+class NonFiniteError(SMIHubError, ValueError):
+    """NaN or infinite values (or an all-zero vector) where finite vectors are required."""

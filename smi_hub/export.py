@@ -11,29 +11,79 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from smi_hub.errors import CheckpointError, refused_global
+from smi_hub.fileio import sha256_file
 from smi_hub.models import SMIModel, load_state_dict_strict
 from smi_hub.weights import save_weights_folder
 
 CHECKPOINT_FORMAT = "smi-hub-checkpoint"
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "model_config")
+SIDECAR_SUFFIX = ".sha256"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The checksum file of a checkpoint: ``<name>.sha256`` next to it."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check that ``path`` holds the bytes it was written with, before anything reads it (the
+    one check of resume and export alike).
+
+    The SHA-256 in its ``.sha256`` sidecar must match; a checkpoint without one (written by
+    an older smi-hub, or by a run killed between the two renames) must pass the CRC-32 checks
+    of its zip archive. Raises :class:`CheckpointError` saying what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} not found.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes).")
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        words = sidecar.read_text(errors="replace").split()
+        expected = words[0].lower() if words else ""
+        if not re.fullmatch(r"[0-9a-f]{64}", expected):
+            raise CheckpointError(
+                f"{sidecar} does not hold a SHA-256 digest, so {path} cannot be verified."
+            )
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{path} does not match its checksum in {sidecar.name} (sha256 {actual[:12]}..., "
+                f"expected {expected[:12]}...): it was modified or corrupted after it was written."
+            )
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint archive ({e}) and has no {SIDECAR_SUFFIX} "
+            "checksum file: it is truncated, overwritten or not a checkpoint."
+        ) from e
+    if bad is not None:
+        raise CheckpointError(f"{path}: the stored entry {bad} fails its CRC check (corrupted).")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate an smi-hub training checkpoint safely (``weights_only=True``)."""
+    """Verify (:func:`verify_checkpoint`), then load and validate an smi-hub training
+    checkpoint safely (``weights_only=True``)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(
             f"{path} is a folder; pass a checkpoint file, e.g. {path}/checkpoints/last.pt."
         )
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} not found.")
+    verify_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the safe unpickler raises many types on foreign or broken files
@@ -71,8 +121,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def training_summary(state: dict[str, Any]) -> dict[str, Any]:
     """Recipe summary for config.json: loss, dataset, epochs, batch size, optimizer ..."""
-    cfg = state.get("config") or {}
-    loss, data, train = cfg.get("loss") or {}, cfg.get("data") or {}, cfg.get("train") or {}
+    cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
+    if isinstance(cfg.get("data"), str):  # a fine-tuning run (python -m training.finetune)
+        dataset = cfg["data"] + (f":{cfg['data_path']}" if cfg.get("data_path") else "")
+        keys = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "seed")
+        summary = {"task": "finetune", "base_model": cfg.get("model"), "dataset": dataset}
+        summary.update({k: cfg.get(k) for k in keys})
+        summary.update(epoch=state.get("epoch"), step=state.get("step"))
+        return {k: v for k, v in summary.items() if v is not None}
+
+    def section(name: str) -> dict[str, Any]:
+        value = cfg.get(name)
+        return value if isinstance(value, dict) else {}
+
+    loss, data, train = section("loss"), section("data"), section("train")
     dataset = data.get("source")
     if dataset and data.get("path") and dataset != "fashion_mnist":
         dataset = f"{dataset}:{data['path']}"

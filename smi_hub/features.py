@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from smi_hub.errors import ImageLoadError
+from smi_hub.errors import ImageLoadError, NonFiniteError
 from smi_hub.feature_store import DEFAULT_SHARD_SIZE, StoreWriter
 from smi_hub.hub import load
 from smi_hub.images import IMAGE_EXTENSIONS, list_images, load_image, to_rgb
@@ -581,7 +581,8 @@ def extract_features(
                 if x is None:
                     continue
                 x = x.to(device, non_blocking=True, memory_format=memory_format)
-                chunks.append(_forward(model, x, layer).float().contiguous().cpu())
+                feats = _forward(model, x, layer).float().contiguous().cpu()
+                chunks.append(_check_finite(feats, x, model, model_name, name(idx[0])))
                 rows.extend(idx)
                 labels.extend(lab)
             if writer is not None and current is not None:
@@ -618,4 +619,33 @@ def extract_features(
     paths = [name(i) for i in rows]
     return FeatureResult(
         features=features, paths=paths, failed=failed, labels=label_out, valid=valid
+    )
+
+
+def _check_finite(
+    feats: torch.Tensor, x: torch.Tensor, model: torch.nn.Module, model_name: str, first: Any
+) -> torch.Tensor:
+    """``feats`` unless they hold NaN or infinity: then :class:`NonFiniteError` naming the
+    cause (the input batch, the model's non-finite weight tensors, or overflow), before any
+    such row reaches a store or an index."""
+    if bool(torch.isfinite(feats).all()):
+        return feats
+    where = f"{model_name} gave NaN or infinite features for the batch starting at {first!r}"
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{where}: the input tensors hold NaN or infinity; fix the input.")
+    bad = [
+        n
+        for n, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise NonFiniteError(
+            f"{where}: its weights hold NaN or infinite values ({len(bad)} tensor(s): {shown}). "
+            "The weights are damaged or training diverged; use other weights (re-export the "
+            "last good checkpoint)."
+        )
+    raise NonFiniteError(
+        f"{where}, though its weights are finite: the activations overflowed; run without "
+        "--bf16 / amp_dtype, or check the model."
     )

@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from smi_hub.errors import SMIHubError
+from smi_hub.argtypes import in_range, parse_bytes
+from smi_hub.errors import NonFiniteError, SMIHubError
 from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import atomic_folder, recover_folder
 from smi_hub.mmap_tensors import mmap_tensor
@@ -88,15 +89,35 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1, eps=1e-12)
 
 
-def parse_bytes(text: str | int | float) -> int:
-    """``"2GB"``, ``"512MiB"``, ``"1.5G"`` or a number of bytes -> bytes."""
-    if isinstance(text, int | float):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise ValueError(f"{text!r} is not a memory size; write e.g. 2GB, 512MB or 1.5G.")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+def check_finite(
+    x: torch.Tensor,
+    name: str,
+    offset: int = 0,
+    zero: bool = False,
+    ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x`` (N x D) unless a row holds NaN or infinity (or, with ``zero``, is all zeros: no
+    direction to compare); then :class:`~smi_hub.errors.NonFiniteError` naming the rows. Such
+    a row would match every query (torch) or none (faiss), so it is refused where it enters.
+    Rows are named as ``offset + position``, or ``ids[position]`` when given."""
+    bad = ~torch.isfinite(x).all(dim=1)
+    if zero:
+        bad |= (x == 0).all(dim=1)
+    if bool(bad.any()):
+        found = bad.nonzero().flatten()
+        rows = (found + offset if ids is None else ids[found]).tolist()
+        shown = ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
+        what = "NaN, infinite or all-zero" if zero else "NaN or infinite"
+        raise NonFiniteError(
+            f"{len(rows)} of the {name} hold {what} values (rows {shown}); cosine search needs "
+            "finite, non-zero vectors. Check the model's weights and the inputs that produced "
+            "them (smi-hub extract refuses non-finite features)."
+        )
+    return x
+
+
+def _knob(value: Any, name: str) -> int | None:
+    return None if value is None else int(in_range(value, name, 1, integer=True))
 
 
 def _nlist(n: int) -> int:
@@ -219,8 +240,8 @@ class EmbeddingIndex:
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.embeddings: torch.Tensor | None = torch.empty(0, dim or 0)
         self.labels: list[Any] = []
-        self.nprobe = nprobe
-        self.ef_search = ef_search
+        self.nprobe = _knob(nprobe, "nprobe")
+        self.ef_search = _knob(ef_search, "ef_search")
         self.refine = check_refine(refine)
         if kind == "flat" and self.refine not in (0, "auto"):
             raise ValueError(
@@ -271,7 +292,7 @@ class EmbeddingIndex:
 
     def train(self, sample: Any) -> EmbeddingIndex:
         """Train an approximate index on a sample of the vectors (flat needs none)."""
-        x = _normalize(_as_matrix(sample, "sample"))
+        x = _normalize(check_finite(_as_matrix(sample, "sample"), "sample vectors"))
         if self.dim is None:
             self.dim = x.shape[1]
         self._resolve(x.shape[0])
@@ -294,7 +315,7 @@ class EmbeddingIndex:
         is first trained on these vectors."""
         if labels is None and hasattr(embeddings, "paths"):
             labels = list(embeddings.paths)
-        x = _as_matrix(embeddings, "embeddings")
+        x = check_finite(_as_matrix(embeddings, "embeddings"), "embeddings", len(self))
         if self.dim is None:
             self.dim = x.shape[1]
         if x.shape[1] != self.dim:
@@ -354,6 +375,10 @@ class EmbeddingIndex:
         doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
         """
+        in_range(target_recall, "target_recall", 0.0, 1.0)
+        in_range(queries, "queries", 0, integer=True)
+        in_range(chunk_size, "chunk_size", 1, integer=True)
+        _knob(train_size, "train_size"), _knob(nprobe, "nprobe"), _knob(ef_search, "ef_search")
         t0 = time.perf_counter()
         if isinstance(vectors, FeatureStore):
             store = vectors
@@ -362,9 +387,10 @@ class EmbeddingIndex:
                 labels = list(store.paths)
 
             def chunks() -> Iterator[torch.Tensor]:
-                for part in store:
+                for k, part in enumerate(store):
                     if part.shape[0]:
-                        yield _normalize(part.reshape(part.shape[0], -1).float())
+                        part = part.reshape(part.shape[0], -1).float()
+                        yield _normalize(check_finite(part, "stored rows", store.offsets[k]))
 
             def rows(ids: torch.Tensor) -> torch.Tensor:
                 out = torch.empty(len(ids), dim)
@@ -376,10 +402,10 @@ class EmbeddingIndex:
                         feats = store.shard(k)["features"].reshape(hi - lo, -1)
                         out[pos : pos + len(sel)] = feats[sel - lo]
                         pos += len(sel)
-                return _normalize(out)
+                return _normalize(check_finite(out, "stored rows", ids=ids))
 
         else:
-            matrix = _as_matrix(vectors, "vectors")
+            matrix = check_finite(_as_matrix(vectors, "vectors"), "vectors")
             if labels is None and hasattr(vectors, "paths"):
                 labels = list(vectors.paths)
             n, dim = matrix.shape
@@ -543,7 +569,8 @@ class EmbeddingIndex:
         call."""
         if len(self) == 0:
             raise ValueError("The index is empty; add() embeddings first.")
-        q = _normalize(_as_matrix(queries, "queries"))
+        q = _normalize(check_finite(_as_matrix(queries, "queries"), "queries", zero=True))
+        nprobe, ef_search = _knob(nprobe, "nprobe"), _knob(ef_search, "ef_search")
         if q.shape[1] != self.dim:
             raise ValueError(f"This index holds {self.dim}-d vectors, queries are {q.shape[1]}-d.")
         k = max(1, min(int(k), len(self)))
@@ -635,18 +662,11 @@ class EmbeddingIndex:
             info = json.loads(meta_path.read_text())
         except Exception as e:
             raise SMIHubError(f"{folder}: unreadable index ({type(e).__name__}: {e}).") from e
-        if info.get("format") != "smi-hub-index" or info.get("format_version", 0) > INDEX_FORMAT:
-            raise SMIHubError(
-                f"{meta_path} is not an smi-hub index this version reads "
-                f"(format {info.get('format')!r} version {info.get('format_version')!r})."
-            )
-        kind = info.get("kind", "flat")
-        name = EMBEDDINGS_NAME if kind == "flat" else FAISS_NAME
+        kind, name = check_index_info(info, meta_path)
         path = folder / name
         if not path.is_file():
             raise SMIHubError(f"{folder} is not a complete index ({name} is missing); rebuild it.")
-        want = info.get("files", {}).get(name)
-        if info.get("format_version", 1) >= 2 and want != _sha256_file(path):
+        if info["files"][name] != _sha256_file(path):
             raise SMIHubError(
                 f"{path}: sha256 differs from {INDEX_NAME}'s record; the index folder is "
                 "damaged or mixed with another index's files. Rebuild it."
@@ -660,7 +680,7 @@ class EmbeddingIndex:
             ef_search=info.get("ef_search"),
             refine=info.get("refine", 0),
         )
-        index.factory = info.get("factory", "Flat")
+        index.factory = info["factory"]
         index.labels = list(info["labels"])
         try:
             if kind == "flat":
@@ -668,6 +688,7 @@ class EmbeddingIndex:
                 index.embeddings = (
                     mapped if mapped is not None else load_file(str(path))["embeddings"].float()
                 )
+                check_finite(index.embeddings, f"vectors of {folder}")
                 count = index.embeddings.shape
                 ok = count == (info["count"], info["dim"] or 0)  # an empty index may have no dim
             else:
@@ -698,6 +719,63 @@ def _load_vectors(folder: Path, info: dict[str, Any], mmap: bool) -> RefineVecto
             "re-ranks on it: refine); the index folder is damaged. Rebuild it."
         )
     return RefineVectors.load(path, mmap)
+
+
+def _fail(meta_path: Path, field: str, problem: str) -> SMIHubError:
+    return SMIHubError(
+        f"{meta_path}: {field} {problem}; the file is damaged or was edited by hand. Rebuild the "
+        "index with `smi-hub index FOLDER -o INDEX_DIR` (or EmbeddingIndex.save())."
+    )
+
+
+def check_index_info(info: Any, meta_path: Path) -> tuple[str, str]:
+    """Check every field of an ``index.json`` (any format version: none switches a check off,
+    and every version must record the sha256 of its vectors file); returns the kind and the
+    vectors file name. Raises :class:`SMIHubError` naming the field."""
+    if not isinstance(info, dict):
+        raise _fail(meta_path, "the top level", f"is a JSON {type(info).__name__}, not an object")
+    version = info.get("format_version")
+    if info.get("format") != "smi-hub-index" or not (
+        isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= INDEX_FORMAT
+    ):
+        raise SMIHubError(
+            f"{meta_path} is not an smi-hub index this version reads (format "
+            f"{info.get('format')!r} version {version!r}; this smi-hub reads versions 1 to "
+            f"{INDEX_FORMAT})."
+        )
+    kind = info.get("kind")
+    if kind not in KINDS or kind == "auto":
+        raise _fail(meta_path, "kind", f"is {kind!r}, not one of {list(KINDS[:-1])}")
+    count, dim = info.get("count"), info.get("dim")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise _fail(meta_path, "count", f"is {count!r}, not a number of vectors")
+    if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1) and not (
+        count == 0 and dim in (None, 0)
+    ):
+        raise _fail(meta_path, "dim", f"is {dim!r}, not a vector length >= 1")
+    if not isinstance(info.get("labels"), list) or len(info["labels"]) != count:
+        raise _fail(meta_path, "labels", f"is not a list of {count} labels: it and count disagree")
+    if not isinstance(info.get("factory"), str):
+        raise _fail(meta_path, "factory", f"is {info.get('factory')!r}, not a faiss factory string")
+    for knob in ("nprobe", "ef_search"):
+        value = info.get(knob)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and value >= 1):  # fmt: skip
+            raise _fail(meta_path, knob, f"is {value!r}, not null or an integer >= 1")
+    refine = info.get("refine", 0)
+    if not (isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0):
+        raise _fail(meta_path, "refine", f"is {refine!r}, not an integer >= 0 (0: off)")
+    if not isinstance(info.get("metadata", {}), dict | None):
+        raise _fail(meta_path, "metadata", "is not an object")
+    name = EMBEDDINGS_NAME if kind == "flat" else FAISS_NAME
+    files = info.get("files")
+    digest = files.get(name) if isinstance(files, dict) else None
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise _fail(
+            meta_path, f"files[{name!r}]", "does not hold the sha256 of the vectors file, so "
+            "they cannot be verified (every index version records one)",
+        )  # fmt: skip
+    return kind, name
 
 
 def _sha256_file(path: Path) -> str:

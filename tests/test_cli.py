@@ -82,7 +82,7 @@ def test_export_cli(weights, tmp_path, capsys, run_checkpoint):
     assert smi_hub.load(tmp_path / "out").projector_dims == [8]
     (tmp_path / "bad.pt").write_bytes(b"nope")
     assert main(["export", str(tmp_path / "bad.pt"), str(tmp_path / "o2")]) == 1
-    assert "not a readable torch checkpoint" in capsys.readouterr().err
+    assert "is not a torch checkpoint archive" in capsys.readouterr().err
 
 
 def test_demo_without_checkout(monkeypatch, tmp_path, capsys):

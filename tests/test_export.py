@@ -122,7 +122,7 @@ def test_export_errors(tmp_path, r18):
         export_checkpoint(tmp_path / "none.pt", tmp_path / "o")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a torch checkpoint archive"):
         export_checkpoint(junk, tmp_path / "o")
     plain = tmp_path / "plain.pt"
     torch.save(r18.state_dict(), plain)  # a bare state_dict: no format tag

@@ -165,3 +165,20 @@ def test_tune_k_factor_doubles_until_target_or_plateau() -> None:
     flat = {16: 0.801, 32: 0.9}
     assert tune_k_factor(flat.__getitem__, 8, 0.80, 0.95) == (8, 0.80)  # stopped rising
     assert tune_k_factor(curve.__getitem__, 8, 0.99, 0.95) == (8, 0.99)  # already there
+
+
+@pytest.mark.parametrize("bad", [-1, "8", True, 1.5])
+def test_a_bad_refine_in_index_json_is_refused(data, refined, tmp_path, bad) -> None:
+    folder = refined.save(tmp_path / "ix")
+    info = json.loads((folder / "index.json").read_text())
+    info["refine"] = bad
+    (folder / "index.json").write_text(json.dumps(info))
+    with pytest.raises(SMIHubError, match="refine"):
+        EmbeddingIndex.load(folder)
+
+
+def test_a_refined_index_without_its_vectors_file_is_refused(refined, tmp_path) -> None:
+    folder = refined.save(tmp_path / "ix")
+    (folder / VECTORS_NAME).unlink()
+    with pytest.raises(SMIHubError, match="missing"):
+        EmbeddingIndex.load(folder)

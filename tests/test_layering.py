@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "foundation",
         (
             "smi_hub.errors",
+            "smi_hub.argtypes",
             "smi_hub.fileio",
             "smi_hub.settings",
             "smi_hub.schema",

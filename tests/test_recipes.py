@@ -193,3 +193,23 @@ def test_optimizer_groups_and_schedule_match_the_reference(loss):
         for group, base in zip(opt.param_groups, (peak, bias_base), strict=True):
             want = _reference_lr(ref_step, cfg.train.epochs, spe, base)
             assert group["lr"] == pytest.approx(want, rel=1e-9), (step, base)
+
+
+@pytest.mark.parametrize("batch", [256, 128, 64])
+def test_one_gpu_fmnist_recipe_changes_only_batch_projector_and_output_dir(batch):
+    """The small-hardware recipes (docs/results.md, "Where SMI is efficient") load, validate,
+    build their model, and are the SMI Fashion-MNIST recipe at another batch (the LR follows
+    by the linear rule) with the 2048-wide projector output the study measured."""
+    path = CONFIGS / f"fmnist_resnet18_smi_1gpu_b{batch}.yaml"
+    cfg = load_config(path)
+    assert cfg.train.batch_size == batch and cfg.train.lr_scale_batch
+    assert cfg.train.lr * batch / 256 == pytest.approx(2.0 * batch / 256)
+    assert cfg.model.projector_dims == [1024, 1024, 2048]
+    assert cfg.output_dir.endswith(path.stem)
+    got, base = cfg.to_dict(), load_config(CONFIGS / "fmnist_resnet18_smi.yaml").to_dict()
+    for d in (got, base):
+        d["train"].pop("batch_size"), d["model"].pop("projector_dims"), d.pop("output_dir")
+    assert got == base
+    assert "Where SMI is efficient" in path.read_text()
+    model = SMIModel(**{k: v for k, v in cfg.to_dict()["model"].items()})
+    assert model.projector[-1].out_features == 2048

@@ -610,7 +610,7 @@ def test_export_random_bytes_get_no_unpickling_advice(tmp_path):
     path.write_bytes(NOISE[:4096])
     with pytest.raises(ExportCheckpointError) as e:
         export.read_checkpoint(path)
-    assert "not a readable torch checkpoint" in str(e.value)
+    assert "is not a torch checkpoint archive" in str(e.value)
     assert not advises_unpickling(str(e.value))
 
 

@@ -15,33 +15,27 @@ global optimizer step count.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
 import re
 import shutil
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from smi_hub.errors import refused_global
-from smi_hub.fileio import atomic_write, atomic_write_text, fsync_dir
+from smi_hub.errors import CheckpointError, refused_global
+from smi_hub.export import sidecar_path, verify_checkpoint
+from smi_hub.fileio import atomic_write, atomic_write_text, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 FORMAT = "smi-hub-checkpoint"
 VERSION = 1
 LAST_NAME = "last.pt"
-SIDECAR_SUFFIX = ".sha256"
 _CKPT_RE = re.compile(r"^checkpoint_(\d{8,})\.pt$")
 _TMP_RE = re.compile(r"^\.(checkpoint_\d{8,}\.pt|last\.pt)(\.sha256)?\..*tmp$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or not an smi-hub training checkpoint."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -178,62 +172,13 @@ def restore_training_state(
     return int(state["epoch"]), int(state["step"]), int(state.get("step_in_epoch", 0))
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
-    """The checksum file of a checkpoint: ``<name>.sha256`` next to it."""
-    path = Path(path)
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _write_sidecar(path: Path, digest: str) -> None:
     atomic_write_text(sidecar_path(path), f"{digest}  {path.name}\n")  # `sha256sum -c` format
-
-
-def verify_checkpoint(path: str | os.PathLike) -> None:
-    """Check that ``path`` holds the bytes it was written with, before anything reads it.
-
-    The SHA-256 in its ``.sha256`` sidecar must match; a checkpoint without one (written by
-    an older smi-hub, or by a run killed between the two renames) must pass the CRC-32 checks
-    of its zip archive. Raises :class:`CheckpointError` saying what is wrong.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} not found.")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes).")
-    sidecar = sidecar_path(path)
-    if sidecar.is_file():
-        words = sidecar.read_text(errors="replace").split()
-        expected = words[0].lower() if words else ""
-        if not re.fullmatch(r"[0-9a-f]{64}", expected):
-            raise CheckpointError(
-                f"{sidecar} does not hold a SHA-256 digest, so {path} cannot be verified."
-            )
-        actual = file_sha256(path)
-        if actual != expected:
-            raise CheckpointError(
-                f"{path} does not match its checksum in {sidecar.name} (sha256 {actual[:12]}..., "
-                f"expected {expected[:12]}...): it was modified or corrupted after it was written."
-            )
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is not a torch checkpoint archive ({e}) and has no {SIDECAR_SUFFIX} "
-            "checksum file: it is truncated, overwritten or not a checkpoint."
-        ) from e
-    if bad is not None:
-        raise CheckpointError(f"{path}: the stored entry {bad} fails its CRC check (corrupted).")
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

@@ -130,6 +130,13 @@ class HFImageDataset(torch.utils.data.Dataset):
         feature = ds.features.get(label_key) if self.label_key else None
         self.classes = list(getattr(feature, "names", None) or [])
         self.targets = list(ds[label_key]) if self.label_key else [-1] * len(ds)
+        missing = [i for i, t in enumerate(self.targets) if t is None]
+        if missing:
+            raise DataError(
+                f"{p}: {len(missing)} row(s) have no {label_key!r} (None; first: row "
+                f"{missing[0]}); fill or drop them (ds.filter(lambda r: r[{label_key!r}] is not "
+                "None)) and save the dataset again, or use another label column."
+            )
         self.transform = transform
 
     def __len__(self) -> int:

@@ -54,6 +54,7 @@ from training.checkpoint import (
     save_checkpoint,
     training_state,
 )
+from training.config import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range
 from training.data import (
     DataError,
     IndexedSubset,
@@ -318,7 +319,85 @@ def _train_step(
 # --------------------------------------------------------------------------------------------
 
 
+# Allowed values of the numeric settings (None values of optional settings are skipped), with
+# the pretraining config's Range checks.
+RANGES: dict[str, Range] = {
+    "train_subset": COUNT,
+    "test_subset": COUNT,
+    "labels_per_class": COUNT,
+    "epochs": COUNT,
+    "max_steps": COUNT,
+    "batch_size": COUNT,
+    "lr": POSITIVE,
+    "backbone_lr": NON_NEGATIVE,
+    "layer_decay": Range(0.0, 1.0, lo_open=True),
+    "weight_decay": NON_NEGATIVE,
+    "momentum": Range(0.0, 1.0, hi_open=True),
+    "warmup_steps": NON_NEGATIVE,
+    "label_smoothing": Range(0.0, 1.0, hi_open=True),
+    "crop_scale": Range(0.0, 1.0, lo_open=True),
+    "hflip_prob": PROBABILITY,
+    "num_workers": NON_NEGATIVE,
+    "eval_batch_size": COUNT,
+    "checkpoint_every_steps": COUNT,
+    "keep_last": COUNT,
+    "seed": Range(0, 2**32 - 1),
+}
+
+
+def _check_settings(cfg: FinetuneConfig) -> None:
+    """Every numeric setting in its range, the device present, ``out`` outside the data."""
+    for key, allowed in RANGES.items():
+        value = getattr(cfg, key)
+        for v in value if isinstance(value, tuple | list) else [value]:
+            try:
+                if v is not None:
+                    allowed.check(key, v)
+            except ConfigError as e:
+                raise FinetuneError(f"--{key.replace('_', '-')}{str(e)[len(key) :]}") from None
+    if len(cfg.crop_scale) != 2 or cfg.crop_scale[0] > cfg.crop_scale[1]:
+        raise FinetuneError(f"--crop-scale needs MIN MAX with MIN <= MAX, got {cfg.crop_scale}.")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise FinetuneError(f"--device must be auto, cpu or cuda, got {cfg.device!r}.")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise FinetuneError(
+            f"--device {cfg.device}: no CUDA GPU is visible here; use --device cpu or auto."
+        )
+    if cfg.data_path and Path(cfg.out).resolve().is_relative_to(Path(cfg.data_path).resolve()):
+        raise FinetuneError(
+            f"--out {cfg.out} lies inside --data-path {cfg.data_path}: its files would become "
+            "training data (a class of their own) on the next run. Choose an --out outside it."
+        )
+    no_test = cfg.test_split and not (Path(cfg.data_path or ".") / cfg.test_split).is_dir()
+    if cfg.data == "imagefolder" and cfg.data_path and no_test:
+        raise FinetuneError(
+            f"{cfg.data_path} has no {cfg.test_split}/ folder, so there is no test split: "
+            "accuracy on the training images would be reported as test accuracy. Add "
+            f"{cfg.data_path}/{cfg.test_split}/<class>/<image> (held-out images), or pass "
+            "--test-split none to report only the validation accuracy."
+        )
+
+
+def _check_classes(cfg: FinetuneConfig, labels: list[int], class_names: list[str]) -> None:
+    """At least two classes, and an image in each (an empty class folder is a class the
+    head could never learn)."""
+    if len(class_names) < 2:
+        raise FinetuneError(
+            f"{_dataset_name(cfg)} {cfg.train_split} has {len(class_names)} class(es) "
+            f"({', '.join(class_names)}); a classifier needs at least 2 (a 1-way head answers "
+            "100% for anything). Add a folder per class."
+        )
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(class_names))
+    empty = [class_names[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise FinetuneError(
+            f"{_dataset_name(cfg)} {cfg.train_split}: the class(es) {empty[:5]} have no image; "
+            "fill or remove their folders."
+        )
+
+
 def _check(cfg: FinetuneConfig) -> None:
+    _check_settings(cfg)
     if cfg.precision not in PRECISIONS:
         raise FinetuneError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}.")
     if cfg.optimizer not in OPTIMIZERS:
@@ -360,6 +439,7 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
     classes = list(getattr(base, "classes", []) or [])
     num_classes = max(len(classes), max(labels) + 1)
     class_names = classes if len(classes) == num_classes else [str(c) for c in range(num_classes)]
+    _check_classes(cfg, labels, class_names)
     labelled = select_label_subset(labels, cfg.label_fraction, cfg.labels_per_class, cfg.seed)
     train_idx, val_idx = split_validation(labels, labelled, cfg.val_fraction, cfg.seed)
     model = build_model(cfg, num_classes, class_names)

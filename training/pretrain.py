@@ -102,6 +102,15 @@ class MetricsLogger:
             self.tb.close()
 
 
+def backward_scale(loss_fn: nn.Module) -> int:
+    """The factor on the loss before ``backward`` under DDP, which averages gradients over
+    ranks. A gathered (global-batch) loss is the same on every rank, and each rank
+    backpropagates only through its own rows: x world size restores the global gradient. A
+    local loss (``loss.kwargs.gather: false``) is each rank's own term: x 1, and the average is
+    the gradient of the mean of the local losses."""
+    return D.world_size() if getattr(loss_fn, "gather", True) else 1
+
+
 def _unwrap(model: nn.Module) -> SMIModel:
     return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
 
@@ -226,6 +235,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     elif ws > 1 and cfg.train.sync_bn and is_main:
         log.info("SyncBatchNorm needs GPUs; on CPU each process normalizes its own batch.")
     loss_fn = build_loss(cfg.loss.name, **cfg.loss.kwargs)
+    grad_scale = backward_scale(loss_fn)
     peak_lr = cfg.train.lr * (cfg.train.batch_size / 256 if cfg.train.lr_scale_batch else 1.0)
     optimizer = build_optimizer(
         model,
@@ -376,7 +386,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
                 loss = loss_fn(z_a, z_b) if bool(D.all_reduce_min_flag(finite)) else None
                 ok = loss is not None and bool(D.all_reduce_min_flag(torch.isfinite(loss)))
                 if ok:
-                    scaler.scale(loss * ws).backward()
+                    scaler.scale(loss * grad_scale).backward()
                     scaler.unscale_(optimizer)
                     params = [p for p in model.parameters() if p.grad is not None]
                     max_norm = math.inf if cfg.train.grad_clip is None else cfg.train.grad_clip
