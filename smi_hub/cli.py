@@ -66,14 +66,25 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: smi-hub runs on cpu, cuda or mps.")
 
 
-def check_output(path: str, flag: str) -> None:
-    """``UsageError`` unless an output folder can be created or replaced at ``path``: checked
-    before any work so that a bad ``-o`` does not throw away a long computation."""
+OUTPUT_KINDS = {"extract": "features", "index": "index", "export": "weights"}
+
+
+def check_output(path: str, flag: str, kind: str | None = None, overwrite: bool = False) -> None:
+    """``UsageError`` unless an output folder can be created or replaced at ``path`` under the
+    output policy of ``kind`` (``smi_hub.outputs``): checked before any work so that a bad
+    ``-o`` does not throw away a long computation."""
     import tempfile
+
+    from smi_hub.outputs import OutputFolderError, folder_mode, resolve_output
 
     if not path.strip():
         raise UsageError(f"{flag} is empty; give the folder to write, e.g. {flag} out/.")
-    out = Path(path).expanduser()
+    try:
+        out = resolve_output(path, flag)
+        if kind is not None and out.is_dir():
+            folder_mode(out, kind, overwrite, flag)
+    except OutputFolderError as e:
+        raise UsageError(str(e)) from None
     if out.exists() and not out.is_dir():
         raise UsageError(
             f"{flag} {out} exists and is not a folder; pick another path or remove the file."
@@ -106,7 +117,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_device(args.device)
     for attr, flag in (("out", "-o/--out"), ("out_dir", "OUT_DIR")):
         if getattr(args, attr, None) is not None:
-            check_output(getattr(args, attr), flag)
+            kind = OUTPUT_KINDS.get(args.command)
+            check_output(getattr(args, attr), flag, kind, getattr(args, "overwrite", False))
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -144,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of images, one image, a list file (.txt, one path per line) or a dataset "
         "folder written by datasets' save_to_disk",
     )
-    p.add_argument("-o", "--out", required=True, help="feature store folder (replaced as a whole)")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="feature store folder: new, empty or an earlier store (replaced as a whole)",
+    )
     _model_arg(p)
     p.add_argument(
         "--layer",
@@ -155,10 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_positive_int, default=65536, help="inputs per shard")
     p.add_argument("--split", default=None, help="split of a DatasetDict input (e.g. train)")
     p.add_argument("--npy", action="store_true", help="also write features.npy into the store")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder holding other files (only smi-hub's own files are replaced)",
+    )
 
     p = sub.add_parser("index", help="build a nearest-neighbour index of images or features")
     p.add_argument("folder", help="folder of images, or a feature store (smi-hub extract)")
-    p.add_argument("-o", "--out", required=True, help="index folder (replaced as a whole)")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        help="index folder: new, empty or an earlier index (replaced as a whole)",
+    )
     _model_arg(p)
     _run_args(p)
     p.add_argument(
@@ -183,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--disk-budget", type=memory_size, default="64GB", help="disk for the float vectors"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder holding other files (only smi-hub's own files are replaced)",
+    )
 
     p = sub.add_parser("search", help="nearest neighbours of an image in an index")
     p.add_argument("index_dir")
@@ -199,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-projector", action="store_true", help="keep projector.* tensors")
     p.add_argument("--name", help="model name for the model card (default: folder name)")
     p.add_argument("--results", nargs="+", default=[], help="extra evaluation result JSONs")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder holding other files (only smi-hub's own files are replaced)",
+    )
 
     p = sub.add_parser(
         "export-features",
@@ -361,6 +398,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             out=args.out,
             shard_size=args.shard_size,
             npy=args.npy,
+            overwrite=args.overwrite,
         )
     if rank != 0:
         return 0
@@ -420,7 +458,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         refine=args.refine,
         disk_budget=args.disk_budget,
     )
-    index.save(args.out)
+    index.save(args.out, overwrite=args.overwrite)
     skipped = f"; {len(failed)} unreadable file(s) skipped" if failed else ""
     report = index.metadata["build"]
     how = report["factory"] + (f", refine k x {index.refine}" if index.refine else "")
@@ -479,6 +517,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         with_projector=args.with_projector,
         name=args.name,
         results_files=args.results,
+        overwrite=args.overwrite,
     )
     cfg = json.loads((out / "config.json").read_text())
     print(f"Exported {args.checkpoint} -> {out}")

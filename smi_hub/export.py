@@ -21,6 +21,7 @@ import torch
 from smi_hub.errors import CheckpointError, refused_global
 from smi_hub.fileio import sha256_file
 from smi_hub.models import SMIModel, load_state_dict_strict
+from smi_hub.outputs import Claim, claim_output_dir
 from smi_hub.weights import save_weights_folder
 
 CHECKPOINT_FORMAT = "smi-hub-checkpoint"
@@ -208,12 +209,29 @@ def export_checkpoint(
     with_projector: bool = False,
     name: str | None = None,
     results_files: list[str | os.PathLike] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the weights folder of a training checkpoint; returns ``out_dir``.
 
     The backbone is always written with torchvision ResNet tensor names; ``with_projector``
-    also keeps ``projector.*`` (needed only to continue SMI training).
+    also keeps ``projector.*`` (needed only to continue SMI training). ``out_dir`` must be new,
+    empty or an earlier weights folder; ``overwrite`` writes beside other files, replacing only
+    the weights folder's own (``smi_hub.outputs``).
     """
+    claim = claim_output_dir(out_dir, "weights", overwrite)
+    try:
+        return _export(checkpoint, claim, with_projector, name, results_files)
+    finally:
+        claim.release()
+
+
+def _export(
+    checkpoint: str | os.PathLike,
+    claim: Claim,
+    with_projector: bool,
+    name: str | None,
+    results_files: list[str | os.PathLike] | None,
+) -> Path:
     state = read_checkpoint(checkpoint)
     try:
         model = SMIModel(**state["model_config"])
@@ -227,9 +245,10 @@ def export_checkpoint(
         training["evaluation_datasets"] = datasets
     return save_weights_folder(
         model,
-        out_dir,
+        claim.path,
         with_projector=with_projector,
         training=training,
         results=results,
-        name=name or Path(out_dir).resolve().name,
+        name=name or claim.path.name,
+        claim=claim,
     )

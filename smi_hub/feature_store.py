@@ -32,15 +32,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from smi_hub.errors import SMIHubError
-from smi_hub.fileio import atomic_folder, atomic_write_bytes, atomic_write_text, recover_folder
+from smi_hub.fileio import atomic_write_bytes, atomic_write_text, recover_folder
+from smi_hub.outputs import Claim, claim_output_dir, commit_folder, resolve_output
 
 FORMAT = "smi-hub-features"
 FORMAT_VERSION = 2  # 2: the manifest records its own sha256 (manifest_sha256)
 MANIFEST = "manifest.json"
 FINGERPRINT = "fingerprint.json"
 DEFAULT_SHARD_SIZE = 65536
-# Files a store folder may hold (the last two: the pre-store output format, replaced too).
-_OWN_FILES = (MANIFEST, "features.npy", "features.safetensors", "paths.json")
 
 
 class FeatureStoreError(SMIHubError, ValueError):
@@ -317,28 +316,6 @@ class FeatureStore:
         return torch.cat(parts) if parts else None
 
 
-def check_output_folder(out: Path) -> None:
-    """Refuse an output that is a file or a folder holding anything but an earlier store (the
-    whole folder is replaced, so other files in it would be lost)."""
-    if str(out) in ("", "."):
-        raise FeatureStoreError("The output folder is empty or '.'; name a new folder (-o feats).")
-    if out.exists() and not out.is_dir():
-        raise FeatureStoreError(f"{out} is a file; the output must be a folder (new or a store).")
-    if out.is_dir():
-        other = [
-            p.name
-            for p in out.iterdir()
-            if p.name not in _OWN_FILES
-            and not (p.name.startswith("shard-") and p.name.endswith(".safetensors"))
-        ]
-        if other:
-            raise FeatureStoreError(
-                f"{out} holds files that are not part of a feature store ({', '.join(other[:3])}"
-                f"{' ...' if len(other) > 3 else ''}); the output folder is replaced as a whole, "
-                "so choose a new or empty folder."
-            )
-
-
 class StoreWriter:
     """Writes one store: shards into the work folder, then the manifest and the swap.
 
@@ -347,11 +324,18 @@ class StoreWriter:
     """
 
     def __init__(
-        self, out: str | os.PathLike, fingerprint: str, header: dict[str, Any], shard_size: int
+        self,
+        out: str | os.PathLike,
+        fingerprint: str,
+        header: dict[str, Any],
+        shard_size: int,
+        overwrite: bool = False,
     ) -> None:
         if shard_size < 1:
             raise FeatureStoreError(f"shard_size must be >= 1, got {shard_size}.")
-        self.out = Path(out)
+        self.out = resolve_output(out)
+        self.overwrite = overwrite
+        self.claim: Claim | None = None
         self.work = work_folder(self.out)
         self.fingerprint = fingerprint
         self.header = header
@@ -365,11 +349,17 @@ class StoreWriter:
         if self.distributed:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Release the output folder's lock (idempotent)."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
+
     def prepare(self) -> None:
-        """Check the output, create the work folder; a work folder of other arguments is
-        discarded with a warning (fresh start)."""
+        """Check and lock the output (``smi_hub.outputs``), create the work folder; a work
+        folder of other arguments is discarded with a warning (fresh start)."""
         if self.rank == 0:
-            check_output_folder(self.out)
+            self.claim = claim_output_dir(self.out, "features", self.overwrite)
             record = self.work / FINGERPRINT
             if self.work.is_dir():
                 try:
@@ -389,6 +379,7 @@ class StoreWriter:
                 if not record.is_file():
                     atomic_write_text(record, _dumps({"fingerprint": self.fingerprint}))
             except OSError as e:
+                self.close()
                 raise FeatureStoreError(
                     f"Cannot write next to {self.out} ({e}); choose a writable output folder."
                 ) from e
@@ -429,7 +420,13 @@ class StoreWriter:
         if labels and all(isinstance(v, int) for v in labels):
             tensors["labels"] = torch.tensor(labels, dtype=torch.long)
         data = save_safetensors(tensors)
-        atomic_write_bytes(self.work / shard_name(k), data)
+        try:
+            atomic_write_bytes(self.work / shard_name(k), data)
+        except OSError as e:
+            raise FeatureStoreError(
+                f"Writing shard {k} into {self.work} failed ({e.strerror or e}); the finished "
+                "shards are kept there: free space and re-run the same command to resume."
+            ) from e
         side = {
             "fingerprint": self.fingerprint,
             "file": shard_name(k),
@@ -446,8 +443,11 @@ class StoreWriter:
         """After all ranks wrote their shards: rank 0 writes the manifest and swaps the store
         into place (with ``features.npy`` when ``npy``); every rank returns the store."""
         self._barrier()
-        if self.rank == 0:
-            self._assemble(num_inputs, npy)
+        try:
+            if self.rank == 0:
+                self._assemble(num_inputs, npy)
+        finally:
+            self.close()
         self._barrier()
         return FeatureStore.open(self.out)
 
@@ -494,25 +494,39 @@ class StoreWriter:
             "failed": failed,
         }
         manifest["manifest_sha256"] = manifest_checksum(manifest)
-        with atomic_folder(self.out) as tmp:
-            for s in shards:
-                os.replace(self.work / s["file"], tmp / s["file"])
-            (tmp / MANIFEST).write_text(_dumps(manifest))
-            if npy:
-                _write_npy(FeatureStore(tmp, manifest), tmp / "features.npy")
+        assert self.claim is not None
+        try:
+            with commit_folder(self.claim) as tmp:
+                for s in shards:  # linked, not moved: a failed commit keeps them for a re-run
+                    _link_or_copy(self.work / s["file"], tmp / s["file"])
+                (tmp / MANIFEST).write_text(_dumps(manifest))
+                if npy:
+                    _write_npy(FeatureStore(tmp, manifest), tmp / "features.npy")
+        except OSError as e:
+            raise FeatureStoreError(
+                f"Writing the feature store {self.out} failed ({e.strerror or e}); the "
+                f"finished shards are kept in {self.work}: free space (or fix the cause) and "
+                "re-run the same command to finish without recomputing them."
+            ) from e
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst`` (copy where the file system has no hard links)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _write_npy(store: FeatureStore, path: Path) -> None:
     """``features.npy`` of a store, written shard by shard (bounded memory)."""
     import numpy as np
 
-    array = np.lib.format.open_memmap(
-        path, mode="w+", dtype=np.float32, shape=(len(store), *store.row_shape)
-    )
-    for k in range(store.num_shards):
-        lo, hi = store.offsets[k], store.offsets[k + 1]
-        if hi > lo:
-            array[lo:hi] = store.shard(k)["features"].numpy()
-    array.flush()
-    del array
+    # plain writes, not a memory map: a full disk then raises OSError instead of SIGBUS
+    header = {"descr": "<f4", "fortran_order": False, "shape": (len(store), *store.row_shape)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for k in range(store.num_shards):
+            if store.offsets[k + 1] > store.offsets[k]:
+                f.write(store.shard(k)["features"].numpy().astype("<f4", copy=False).tobytes())

@@ -429,6 +429,7 @@ def extract_features(
     shard_size: int = DEFAULT_SHARD_SIZE,
     npy: bool = False,
     on_error: str = "skip",
+    overwrite: bool = False,
 ) -> Any:
     """Features of many images with an ``SMIModel`` (or a name for :func:`smi_hub.load`).
 
@@ -458,6 +459,9 @@ def extract_features(
             ``failed``), ``"null"`` (a NaN row marked False in ``valid``, so rows stay aligned
             with the inputs; :meth:`FeatureResult.column` turns it into a null; in-memory
             only), or ``"raise"`` (an ``ImageLoadError`` naming the inputs, nothing returned).
+        overwrite: with ``out``, write into a folder holding other files (only the store's
+            own files are replaced; see ``smi_hub.outputs``); otherwise such a folder is
+            refused.
 
     Returns a :class:`FeatureResult` (``out=None``) or the :class:`~smi_hub.FeatureStore`.
     Unreadable files are skipped, listed in ``failed`` and reported with a warning.
@@ -510,7 +514,7 @@ def extract_features(
                 sort_keys=True,
             )
         )
-        writer = StoreWriter(out, fingerprint, header, shard_size)
+        writer = StoreWriter(out, fingerprint, header, shard_size, overwrite)
         writer.prepare()
         block = shard_size
         todo: dict[int, bool] = {}
@@ -587,6 +591,10 @@ def extract_features(
                 labels.extend(lab)
             if writer is not None and current is not None:
                 flush()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)
@@ -594,6 +602,7 @@ def extract_features(
     if writer is not None:
         assert src.n is not None
         if src.n == 0:
+            writer.close()
             raise ValueError("The input holds no images.")
         store = writer.finish(src.n, npy=npy)
         if writer.rank == 0:

@@ -128,6 +128,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+                os.chmod(f, 0o666 & ~current_umask())  # some writers create files 0600
         fsync_dir(tmp)
         if folder.is_dir() and not folder.is_symlink() and _exchange(tmp, folder):
             fsync_dir(parent)

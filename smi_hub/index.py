@@ -39,9 +39,10 @@ from safetensors.torch import load_file, save_file
 from smi_hub.argtypes import in_range, parse_bytes
 from smi_hub.errors import NonFiniteError, SMIHubError
 from smi_hub.feature_store import FeatureStore
-from smi_hub.fileio import atomic_folder, recover_folder
+from smi_hub.fileio import recover_folder
 from smi_hub.mmap_tensors import mmap_tensor
 from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
+from smi_hub.outputs import claim_output_dir, commit_folder
 from smi_hub.refine import (
     DEFAULT_DISK_BUDGET,
     VECTORS_NAME,
@@ -605,11 +606,16 @@ class EmbeddingIndex:
 
     # ---- saving --------------------------------------------------------------------------
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write the index folder, replacing any earlier one as a whole: ``index.json`` (with
-        the sha256 of the vectors file) and ``embeddings.safetensors`` or ``index.faiss``."""
-        folder = Path(folder)
-        with atomic_folder(folder) as tmp:
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the index folder: ``index.json`` (with the sha256 of the vectors file) and
+        ``embeddings.safetensors`` or ``index.faiss``. An earlier index there is replaced as a
+        whole; a folder with other files is refused unless ``overwrite`` (then only the index
+        files are replaced; see ``smi_hub.outputs``). Returns the folder written."""
+        claim = claim_output_dir(folder, "index", overwrite)
+        folder = claim.path
+        with contextlib.ExitStack() as stack:
+            stack.callback(claim.release)
+            tmp = stack.enter_context(commit_folder(claim))
             if self.kind == "flat":
                 assert self.embeddings is not None
                 vec = self.embeddings.contiguous()

@@ -433,10 +433,12 @@ class SMIModel(
         results: dict | None = None,
         name: str | None = None,
         repo_id: str | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Write a weights folder (see ``smi_hub.save_weights_folder``): backbone and head only
         unless ``with_projector``; ``training``/``results`` default to those of the loaded
-        weights, so a load -> save round trip keeps the provenance."""
+        weights, so a load -> save round trip keeps the provenance. A folder with files of
+        others is refused unless ``overwrite`` (which replaces only the weights files)."""
         return save_weights_folder(
             self,
             save_directory,
@@ -445,6 +447,7 @@ class SMIModel(
             results=results,
             name=name,
             repo_id=repo_id,
+            overwrite=overwrite,
         )
 
     def push_to_hub(

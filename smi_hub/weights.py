@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save
 
 from smi_hub.errors import DownloadError, UnsupportedFormatError, WeightsError
-from smi_hub.fileio import atomic_write, atomic_write_text
 from smi_hub.model_card import render_model_card
+from smi_hub.outputs import Claim, claim_output_dir, commit_folder
 from smi_hub.schema import validate_config
 from smi_hub.settings import env_flag
 
@@ -57,12 +57,16 @@ def save_weights_folder(
     results: dict[str, Any] | None = None,
     name: str | None = None,
     repo_id: str | None = None,
+    overwrite: bool = False,
+    claim: Claim | None = None,
 ) -> Path:
     """Write ``model`` as a weights folder and return its path.
 
     Args:
         model: an ``SMIModel``.
-        out_dir: folder to create or overwrite.
+        out_dir: folder to create, or an earlier weights folder to update; a folder with
+            other files is refused unless ``overwrite`` (then only ``model.safetensors``,
+            ``README.md`` and ``config.json`` are replaced; see ``smi_hub.outputs``).
         with_projector: keep the ``projector.*`` tensors (needed to continue SMI training;
             ``save_pretrained``, ``push_to_hub`` and ``smi-hub export`` default to False);
             without them the file holds only torchvision-named tensors (backbone, and the
@@ -73,18 +77,38 @@ def save_weights_folder(
             default: those of the weights the model was loaded from.
         name: model name used in the model card title.
         repo_id: Hugging Face repo id the folder is published as (for the card's usage line).
+        overwrite: see ``out_dir``.
+        claim: an output claim the caller already holds on ``out_dir`` (fine-tuning claims
+            its folder when it starts); ``out_dir`` and ``overwrite`` are then not re-checked.
 
     The weights file has deterministic bytes (canonical header), so saving the same tensors
     twice gives the same ``weights_sha256``. config.json also carries timm's keys
     (``pretrained_cfg``, ``num_classes``; ``architecture`` for timm-buildable layouts).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    own = claim is None
+    if claim is None:
+        claim = claim_output_dir(out_dir, "weights", overwrite)
+    try:
+        return _write_weights(model, claim, with_projector, training, results, name, repo_id)
+    finally:
+        if own:
+            claim.release()
+
+
+def _write_weights(
+    model: torch.nn.Module,
+    claim: Claim,
+    with_projector: bool,
+    training: dict[str, Any] | None,
+    results: dict[str, Any] | None,
+    name: str | None,
+    repo_id: str | None,
+) -> Path:
+    out = claim.path
     keep_projector = with_projector and model.projector is not None
     state = model.weights_state_dict(with_projector=keep_projector)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     data = safetensors_bytes(state, {"format": "pt", "smi_hub_format": str(FORMAT_VERSION)})
-    atomic_write(out / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(data))
     loaded_from = getattr(model, "weights_config", None) or {}
 
     config = dict(model.config)
@@ -106,11 +130,14 @@ def save_weights_folder(
     )
     if timm_architecture(config):
         config["architecture"] = timm_architecture(config)
-    card = render_model_card(config, name=name or out.resolve().name, repo_id=repo_id)
-    atomic_write_text(out / CARD_NAME, card)
-    # config.json last: it records the sha256 of the weights, so a folder interrupted between
-    # two files is refused on load (ChecksumError) instead of pairing old and new files
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    card = render_model_card(config, name=name or out.name, repo_id=repo_id)
+    # file by file (run files such as checkpoints/ stay), config.json last: it records the
+    # sha256 of the weights, so a folder interrupted between two files is refused on load
+    # (ChecksumError) instead of pairing old and new files
+    with commit_folder(claim, swap=False) as tmp:
+        (tmp / WEIGHTS_NAME).write_bytes(data)
+        (tmp / CARD_NAME).write_text(card)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

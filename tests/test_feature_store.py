@@ -24,6 +24,7 @@ import smi_hub
 from smi_hub import SMIModel, fashion_mnist
 from smi_hub.cli import main
 from smi_hub.feature_store import FeatureStore, FeatureStoreError, work_folder
+from smi_hub.outputs import OutputFolderError
 
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
 
@@ -108,11 +109,11 @@ def test_outputs_replaced_as_a_set(model, gallery, tmp_path):
     assert second.paths == files
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FeatureStoreError, match="notes.txt"):
+    with pytest.raises(OutputFolderError, match="notes.txt"):
         smi_hub.extract_features(model, files, progress=False, out=tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(FeatureStoreError, match="is a file"):
+    with pytest.raises(OutputFolderError, match="is a file"):
         smi_hub.extract_features(model, files, progress=False, out=tmp_path / "afile")
 
 

@@ -182,3 +182,13 @@ def test_a_refined_index_without_its_vectors_file_is_refused(refined, tmp_path) 
     (folder / VECTORS_NAME).unlink()
     with pytest.raises(SMIHubError, match="missing"):
         EmbeddingIndex.load(folder)
+
+
+def test_resaving_into_an_index_folder_replaces_the_vectors_as_a_set(data, refined, tmp_path):
+    vectors, _ = data
+    folder = refined.save(tmp_path / "ix")
+    refined.save(folder)  # its own folder: no --overwrite needed
+    assert (folder / VECTORS_NAME).is_file()
+    EmbeddingIndex.build(vectors, kind="ivfpq", nprobe=4, queries=0).save(folder)
+    assert not (folder / VECTORS_NAME).exists()  # a stale vectors file is not left behind
+    assert EmbeddingIndex.load(folder).refine == 0

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.errors",
             "smi_hub.argtypes",
             "smi_hub.fileio",
+            "smi_hub.outputs",
             "smi_hub.settings",
             "smi_hub.schema",
             "smi_hub.images",

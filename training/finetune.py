@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ import smi_hub
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
+from smi_hub.outputs import Claim, claim_output_dir, resolve_output
 from training import distributed as D
 from training.checkpoint import (
     CheckpointError,
@@ -410,14 +412,32 @@ def _check(cfg: FinetuneConfig) -> None:
         raise FinetuneError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
 
 
-def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
+def _main_process() -> bool:
+    """Rank 0 of torchrun (or a single process), known before the process group starts."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def finetune(cfg: FinetuneConfig, resume: str = "none", overwrite: bool = False) -> dict[str, Any]:
     """Run the fine-tuning ``cfg`` describes (see the module docstring); returns the metrics
-    dict also written to ``<out>/metrics.json``. Under torchrun, every rank calls it."""
+    dict also written to ``<out>/metrics.json``. Under torchrun, every rank calls it.
+
+    ``cfg.out`` must be new, empty, or a folder fine-tuning or export wrote; ``overwrite``
+    writes beside other files, replacing only the weights folder's own (``smi_hub.outputs``).
+    The folder stays locked while the run lasts."""
     _check(cfg)
+    claim = claim_output_dir(cfg.out, "weights", overwrite, "--out") if _main_process() else None
+    try:
+        return _finetune(cfg, resume, claim)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[str, Any]:
     device = D.setup_distributed(cfg.device)
     ws, rk = D.world_size(), D.rank()
     is_main = rk == 0
-    out = Path(cfg.out)
+    out = resolve_output(cfg.out, "--out")  # ~ expanded, a symlink followed: as claimed
     ckpt_dir = out / "checkpoints"
     resume_path = resolve_resume(
         resume, ckpt_dir, error=FinetuneError, new_run_hint="choose another --out."
@@ -614,7 +634,8 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
 
     result: dict[str, Any] = {}
     if is_main:
-        result = _finish(cfg, model, best, history, device, {
+        assert claim is not None
+        result = _finish(cfg, claim, model, best, history, device, {
             "train_images": len(train_idx), "val_images": len(val_idx),
             "labelled_images": len(labelled), "num_classes": num_classes,
             "steps": step, "batch_size": batch, "world_size": ws,
@@ -626,6 +647,7 @@ def finetune(cfg: FinetuneConfig, resume: str = "none") -> dict[str, Any]:
 
 def _finish(
     cfg: FinetuneConfig,
+    claim: Claim,
     model: SMIModel,
     best: dict[str, Any],
     history: list[dict[str, Any]],
@@ -633,7 +655,7 @@ def _finish(
     settings: dict[str, Any],
 ) -> dict[str, Any]:
     """Load the best state, test it once, write the weights folder and metrics.json."""
-    out = Path(cfg.out)
+    out = claim.path
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     metrics: dict[str, Any] = {
@@ -672,7 +694,7 @@ def _finish(
     model.weights_config = {}
     smi_hub.save_weights_folder(
         model.cpu(), out, with_projector=False, training=training, results=results,
-        name=cfg.name or out.resolve().name,
+        name=cfg.name or out.resolve().name, claim=claim,
     )  # fmt: skip
     result = {
         "protocol": "finetune",
@@ -700,6 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, help="registry name, weights folder, HF repo, URL")
     p.add_argument("--data", default=d.data, help="fashion_mnist | imagefolder | hf")
     p.add_argument("--out", required=True, help="output weights folder (and run files)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder holding other files (only the weights files are replaced)",
+    )
     p.add_argument("--data-path", help="ImageFolder root or Hugging Face datasets folder/file")
     p.add_argument("--train-split", default=d.train_split)
     p.add_argument("--test-split", default=d.test_split, help="'none': no test evaluation")
@@ -759,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        result = finetune(config_from_args(args), resume=args.resume)
+        result = finetune(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except (FinetuneError, DataError, CheckpointError, SMIHubError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from smi_hub.models import SMIModel
+from smi_hub.outputs import OutputFolderError, claim_output_dir, resolve_output
 from training import distributed as D
 from training.batch_augment import BatchAugment, CropTwoViews, view_specs
 from training.checkpoint import (
@@ -189,7 +190,10 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     device = D.setup_distributed(cfg.device)
     ws, rk = D.world_size(), D.rank()
     is_main = rk == 0
-    out = Path(cfg.output_dir)
+    # the output policy (smi_hub.outputs): new, empty or a training run folder; locked for
+    # as long as this function runs (the claim is released when it is dropped)
+    claim = claim_output_dir(cfg.output_dir, "pretrain", flag="output_dir") if is_main else None
+    out = claim.path if claim is not None else resolve_output(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     if cfg.train.batch_size % ws or cfg.train.batch_size < 2 * ws:
         raise ConfigError(
@@ -563,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
         train(cfg, resume=args.resume)
-    except ConfigError as e:
+    except (ConfigError, OutputFolderError) as e:
         print(f"Config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except (DataError, CheckpointError) as e:
