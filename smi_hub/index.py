@@ -17,7 +17,9 @@ on a held-out sample of queries, and that recall is recorded in ``metadata["buil
 
 Saved as a folder, replaced as a whole (``fileio.atomic_folder``): ``index.json`` (labels,
 kind, metadata, sha256 of every other file, checked on load) and ``embeddings.safetensors``
-(``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on load). Nothing is pickled.
+(``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on load), and ``vectors.npy``
+when the index re-ranks on the float vectors (``refine``, :mod:`smi_hub.refine`). Nothing is
+pickled.
 """
 
 from __future__ import annotations
