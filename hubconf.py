@@ -46,7 +46,13 @@ def _make(name: str):
         return _entry(name, arch, pretrained, weights, **kwargs)
 
     entry.__name__ = name
-    entry.__doc__ = f"{_REGISTRY[name].description} (status: {_REGISTRY[name].status})."
+    entry.__doc__ = f"{_REGISTRY[name].description} (status: {_REGISTRY[name].status})." + (
+        ""
+        if _REGISTRY[name].available
+        else " No weights are published yet, so the defaults raise WeightsNotPublishedError: "
+        "pass weights= (a weights folder, Hugging Face repo id or #sha256= pinned URL of this "
+        "architecture) or pretrained=False for the untrained architecture."
+    )
     return entry
 
 

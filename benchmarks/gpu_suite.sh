@@ -9,7 +9,8 @@
 # measurement), suite.log and the exported model folder: at most 7 files. Fashion-MNIST is from
 # $SMI_FASHION_MNIST_DIR, else data/fashion-mnist/ (an ignored folder that travels with the
 # checkout: `make gpu-data` fills it), else Debian's /usr/share/datasets/fashion-mnist/.
-# The step budgets sum to 515 s; `timeout` stops everything at 590 s whatever happens.
+# The step budgets sum to 515 s; `timeout` stops everything at 590 s whatever happens
+# (SMI_GPU_SUITE_TIMEOUT=SECONDS changes that, e.g. for the CPU dry run of the tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 command="bash benchmarks/gpu_suite.sh $*"
@@ -37,5 +38,5 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export SMI_GPU_SUITE_COMMAND="$command"
 python="${PYTHON:-python3}"
-timeout -k 10 590 "$python" benchmarks/gpu_suite.py --out "$out_dir/results.json" \
+timeout -k 10 "${SMI_GPU_SUITE_TIMEOUT:-590}" "$python" benchmarks/gpu_suite.py --out "$out_dir/results.json" \
   --artifacts "$out_dir" "$@" 2>&1 | tee "$out_dir/suite.log"

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import smi_hub
 from smi_hub.argtypes import count as _count
 from smi_hub.argtypes import memory_size, printable, probability
 from smi_hub.argtypes import port as _port
 from smi_hub.argtypes import positive_int as _positive_int
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 
 
@@ -131,7 +133,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=_count, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
@@ -140,15 +142,16 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``smi-hub``."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="smi-hub", description="SMI self-supervised models: weights, features, retrieval."
     )
+    parser.add_argument("--version", action="version", version=f"smi-hub {smi_hub.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("list", help="registered models and their status")
 
     p = sub.add_parser("info", help="metadata of a registered model")
-    p.add_argument("name")
+    p.add_argument("name", help="registry name (smi-hub list shows them)")
 
     p = sub.add_parser("extract", help="features of many images -> a sharded feature store")
     p.add_argument(
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer",
         default="pooled",
         choices=["pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector"],
+        help="pooled backbone features, the last spatial map, a stage's map, or the projector "
+        "embedding",
     )
     _run_args(p)
     p.add_argument("--shard-size", type=_positive_int, default=65536, help="inputs per shard")
@@ -217,17 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("search", help="nearest neighbours of an image in an index")
-    p.add_argument("index_dir")
+    p.add_argument("index_dir", help="index folder (smi-hub index)")
     p.add_argument("query", nargs="+", help="query image(s)")
-    p.add_argument("-k", type=_positive_int, default=5)
+    p.add_argument("-k", type=_positive_int, default=5, help="neighbours per query")
     _model_arg(p)
-    p.add_argument("--device", default=None)
-    p.add_argument("--nprobe", type=_positive_int, default=None, help="IVF cells searched")
-    p.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW efSearch")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument(
+        "--nprobe", type=_positive_int, default=None, help="IVF cells searched (more: exacter)"
+    )
+    p.add_argument(
+        "--ef-search", type=_positive_int, default=None, help="HNSW efSearch (more: exacter)"
+    )
 
     p = sub.add_parser("export", help="training checkpoint -> weights folder")
-    p.add_argument("checkpoint")
-    p.add_argument("out_dir")
+    p.add_argument("checkpoint", help="training checkpoint (.pt) of python -m training.pretrain")
+    p.add_argument("out_dir", help="weights folder to write (safetensors, config.json, card)")
     p.add_argument("--with-projector", action="store_true", help="keep projector.* tensors")
     p.add_argument("--name", help="model name for the model card (default: folder name)")
     p.add_argument("--results", nargs="+", default=[], help="extra evaluation result JSONs")
@@ -253,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="classifier weights folder (python -m training.finetune), repo id")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("-k", "--top", type=_positive_int, default=5, help="classes to print per image")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument(
         "--index",
         default=None,
@@ -267,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="model that embeds queries (default: the index's own)"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on")
     p.add_argument("--workers", type=_positive_int, default=1, help="server processes")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="query size limit")
 
     p = sub.add_parser("demo", help="start the Gradio demo (needs a source checkout)")
@@ -287,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gallery", default=None, help="folder of images (default: Fashion-MNIST)")
     p.add_argument("--index", default=None, help="index folder (smi-hub index) to search instead")
-    p.add_argument("--port", type=_port, default=None)
-    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=_port, default=None, help="port (default: 7860 or the next free)")
+    p.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="query size limit")
 
     p = sub.add_parser(
@@ -300,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval", type=_positive_int, default=500, help="held-out images for k-NN accuracy"
     )
-    p.add_argument("-k", type=_positive_int, default=5)
+    p.add_argument("-k", type=_positive_int, default=5, help="neighbours per query")
     return parser
 
 

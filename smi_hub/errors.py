@@ -42,6 +42,11 @@ class DownloadError(SMIHubError, OSError):
     """A download failed: bad URL, HTTP error, network unreachable, or offline mode."""
 
 
+class UploadError(DownloadError):
+    """An upload to the Hugging Face Hub failed: network unreachable, offline mode, HTTP error
+    (a ``DownloadError``, so one ``except`` handles every failed transfer)."""
+
+
 class CheckpointError(SMIHubError, ValueError):
     """A file is not a usable smi-hub training checkpoint (wrong format, pickled objects, keys)."""
 

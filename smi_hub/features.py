@@ -21,6 +21,7 @@ from smi_hub.errors import ImageLoadError, NonFiniteError
 from smi_hub.feature_store import DEFAULT_SHARD_SIZE, StoreWriter
 from smi_hub.hub import load
 from smi_hub.images import IMAGE_EXTENSIONS, list_images, load_image, to_rgb
+from smi_hub.plan import TIMED_BATCH, print_plan, seconds_per_image
 from smi_hub.transforms import get_transforms
 
 LAYERS = ("pooled", "spatial", "layer1", "layer2", "layer3", "layer4", "projector")
@@ -543,6 +544,15 @@ def extract_features(
             if select(k)
         )
     show = progress and (writer is None or writer.rank == 0)
+    if show and writer is not None and total:  # a feature store: a long job, planned
+        todo_images = min(total * batch_size, src.n or 0)
+        print_plan(
+            f"extract {layer} features of {todo_images:,} images ({total:,} batches of "
+            f"{batch_size}) on {device} -> {out}",
+            seconds_per_image(model, getattr(model, "image_size", 224), device, train=False)
+            * todo_images,
+            f"model compute of 1 timed batch of {TIMED_BATCH}; image decoding not included",
+        )
     chunks: list[torch.Tensor] = []
     rows: list[int] = []
     labels: list[Any] = []

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from smi_hub.argtypes import in_range, parse_bytes
 from smi_hub.errors import NonFiniteError, SMIHubError
@@ -45,6 +46,7 @@ from smi_hub.fileio import recover_folder
 from smi_hub.mmap_tensors import mmap_tensor
 from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
 from smi_hub.outputs import claim_output_dir, commit_folder
+from smi_hub.plan import print_plan
 from smi_hub.refine import (
     DEFAULT_DISK_BUDGET,
     VECTORS_NAME,
@@ -62,6 +64,25 @@ KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "auto")
 FLAT_MAX = 100_000  # auto: exact search up to this many vectors (a few ms per query)
 DEFAULT_BUDGET = 2 << 30
 KNOBS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PQ_MIN_TRAIN = 39 * 16  # ivfpq: faiss' 39 points for each of a 4-bit codebook's 16 centroids
+PROGRESS_MIN = 50_000  # build(progress=None): a progress bar from this many vectors on
+
+
+def _warn_unused_knobs(kind: str, nprobe: int | None, ef_search: int | None) -> None:
+    """One warning for a search knob the index ``kind`` does not have (it would be ignored)."""
+    unused = [
+        name
+        for name, value, kinds in (("nprobe", nprobe, ("ivf", "ivfsq", "ivfpq")),
+                                   ("ef_search", ef_search, ("hnsw",)))
+        if value is not None and kind not in kinds
+    ]  # fmt: skip
+    if unused:
+        what = "exact search" if kind == "flat" else "no such knob"
+        warnings.warn(
+            f"{' and '.join(unused)} ignored: a {kind} index has {what} (nprobe is for IVF "
+            "kinds, ef_search for hnsw).",
+            stacklevel=3,
+        )
 
 
 class SearchResult(NamedTuple):
@@ -301,6 +322,12 @@ class EmbeddingIndex:
         self._resolve(x.shape[0])
         if self.kind == "flat":
             return self
+        if self.kind == "ivfpq" and x.shape[0] < PQ_MIN_TRAIN:
+            raise ValueError(
+                f"kind='ivfpq' needs at least {PQ_MIN_TRAIN} training vectors (faiss trains 16 "
+                f"centroids per PQ sub-space from 39 points each), got {x.shape[0]}; at this "
+                "size an exact kind='flat' index is small and fast."
+            )
         index = self._new_faiss()
         try:
             index.train(x.numpy())
@@ -367,6 +394,7 @@ class EmbeddingIndex:
         seed: int = 0,
         refine: int | str | None = "auto",
         disk_budget: int | str = DEFAULT_DISK_BUDGET,
+        progress: bool | None = None,
     ) -> EmbeddingIndex:
         """Build an index from a :class:`~smi_hub.FeatureStore` (read shard by shard, never
         all at once) or an N x D tensor.
@@ -377,6 +405,7 @@ class EmbeddingIndex:
         smallest ``nprobe`` / ``efSearch`` reaching ``target_recall`` (recall@10; or where
         doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
         in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
+        ``progress``: a progress bar on stderr (None: from :data:`PROGRESS_MIN` vectors on).
         """
         in_range(target_recall, "target_recall", 0.0, 1.0)
         in_range(queries, "queries", 0, integer=True)
@@ -438,6 +467,18 @@ class EmbeddingIndex:
         index._resolve(n)
         if index.refine:  # the float vectors, on a temporary file until saved
             index._vectors = RefineVectors.empty(n, dim)
+        _warn_unused_knobs(index.kind, nprobe, ef_search)
+        bar = tqdm(
+            total=n, desc=f"index {index.factory}", unit="vec", unit_scale=True,
+            disable=not (progress if progress is not None else n >= PROGRESS_MIN),
+        )  # fmt: skip
+        if not bar.disable:
+            print_plan(
+                f"index {n:,} vectors of {dim} dimensions as {index.factory}"
+                + ("" if index.kind == "flat" else f", then tune on {queries} held-out queries"),
+                None,
+                "the progress bar below shows the rate and time left",
+            )
         g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(n, generator=g)
         t_train = 0.0
@@ -446,7 +487,9 @@ class EmbeddingIndex:
             want = train_size or (1000 if index.kind == "hnsw" else max(10_000, 64 * _nlist(n)))
             train_ids = perm[: min(n, want)].sort().values
             t1 = time.perf_counter()
+            bar.set_postfix_str(f"training on {len(train_ids)} vectors")
             index.train(rows(train_ids))
+            bar.set_postfix_str("adding")
             t_train = time.perf_counter() - t1
         if index.kind == "flat":
             index.embeddings = torch.empty(n, dim)  # filled in place: no growing copies
@@ -459,6 +502,7 @@ class EmbeddingIndex:
                 if index._vectors is not None:
                     index._vectors.write(pos, part.numpy())
             pos += part.shape[0]
+            bar.update(part.shape[0])
         index.labels = labels
         t_built = time.perf_counter() - t0
         report: dict[str, Any] = {
@@ -476,6 +520,7 @@ class EmbeddingIndex:
             k = min(10, n)
             _, truth = _exact_topk(q, chunks(), k)
             knob = "efSearch" if index.kind == "hnsw" else "nprobe"
+            bar.set_postfix_str(f"tuning {knob} on {q.shape[0]} queries")
             given = ef_search if index.kind == "hnsw" else nprobe
             limit = 4096 if index.kind == "hnsw" else _nlist(n)
             low = 16 if index.kind == "hnsw" else 1  # faiss' HNSW uses max(efSearch, k) anyway
@@ -536,6 +581,7 @@ class EmbeddingIndex:
                     f"target_recall {target_recall} for {index.factory}{refined} {why}.",
                     stacklevel=2,
                 )
+        bar.close()
         index.metadata["build"] = report
         # the gallery's own nearest-neighbour scores, for the out-of-domain signal (smi_hub.ood)
         profile_ids = perm[-min(n, PROFILE_QUERIES) :].sort().values
@@ -577,6 +623,7 @@ class EmbeddingIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"This index holds {self.dim}-d vectors, queries are {q.shape[1]}-d.")
         k = max(1, min(int(k), len(self)))
+        _warn_unused_knobs(self.kind, nprobe, ef_search)
         if self.kind == "flat" and self.backend == "torch":
             assert self.embeddings is not None
             step = max(1, min(1024, (1 << 26) // len(self)))  # score blocks of <= 256 MB

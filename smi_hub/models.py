@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from smi_hub.errors import ChecksumError, WeightsError
+from smi_hub.errors import ChecksumError, UploadError, WeightsError
 from smi_hub.fileio import sha256_file
 from smi_hub.schema import (
     ARCH_KEYS,
@@ -36,6 +36,7 @@ from smi_hub.weights import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     UnverifiedWeightsWarning,
+    _network_errors,
     check_tensors,
     read_config,
     resolve_hf_folder,
@@ -466,20 +467,34 @@ class SMIModel(
         import tempfile
 
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
 
         api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(
-                Path(tmp) / "weights", with_projector=with_projector, repo_id=repo_id
-            )
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message,
-                revision=branch,
-                create_pr=create_pr,
-            )
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = self.save_pretrained(
+                    Path(tmp) / "weights", with_projector=with_projector, repo_id=repo_id
+                )
+                return api.upload_folder(
+                    repo_id=repo_id,
+                    folder_path=folder,
+                    commit_message=commit_message,
+                    revision=branch,
+                    create_pr=create_pr,
+                )
+        except HfHubHTTPError as e:  # as smi_hub.load wraps downloads
+            raise UploadError(
+                f"Uploading to the Hugging Face repo {repo_id!r} failed: {e}. Check the repo "
+                "id and that you may write to it (`hf auth login`, HF_TOKEN or token=)."
+            ) from e
+        except _network_errors() as e:
+            raise UploadError(
+                f"Could not reach the Hugging Face Hub to upload {repo_id!r}: "
+                f"{type(e).__name__}: {e}. Check the network connection (and HF_ENDPOINT / "
+                "proxy settings; HF_HUB_OFFLINE=1 forbids uploads) and retry; "
+                "save_pretrained(folder) keeps the weights folder locally meanwhile."
+            ) from e
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """Hugging Face mixin hook: write the smi-hub weights folder format."""

@@ -6,6 +6,7 @@ CUDA, which CI's CPU machine lacks). A missing dev dependency or dataset is an e
 
 import importlib.util
 import json
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -15,9 +16,18 @@ from typing import Any
 
 import pytest
 import torch
+from huggingface_hub import constants as hf_constants
 
 import smi_hub
 from smi_hub import fashion_mnist
+
+# No test may depend on telemetry: gradio_client's Client (and gradio) send usage pings through
+# huggingface_hub to HF_ENDPOINT, from background threads at a time no test controls; in
+# tests/test_reliability_demo.py that endpoint is a recorder of every request. huggingface_hub
+# reads its variable at import, so its constant is set too; subprocesses inherit the variables.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+hf_constants.HF_HUB_DISABLE_TELEMETRY = True
 
 pytest_plugins = ["pytester"]
 _unexpected_skips: list[str] = []

@@ -264,7 +264,11 @@ def test_semisup_cli_fine_tunes_on_a_pinned_label_subset(tmp_path, capsys, tiny_
     assert per_class.tolist() == expected.astype(int).tolist()
     # finetune ran with the reference settings, on exactly those images
     ft = json.loads((tmp_path / "semi" / "s_finetuned" / "metrics.json").read_text())
-    assert result["metrics"] == {k: ft["metrics"][k] for k in ("top1", "top5")}
+    assert result["metrics"] == {
+        **{k: ft["metrics"][k] for k in ("top1", "top5")},
+        **{f"best_{k}": ft["metrics"][f"best_test_{k}"] for k in ("top1", "top5")},
+        "best_epoch": ft["metrics"]["best_test_epoch"],
+    }
     expected_cfg = {
         "model": str(tmp_path / "semi" / "s_base"), "data": "fashion_mnist", "data_path": None,
         "train_split": "test", "test_split": "train", "image_key": "image", "label_key": "label",
@@ -272,7 +276,7 @@ def test_semisup_cli_fine_tunes_on_a_pinned_label_subset(tmp_path, capsys, tiny_
         "epochs": 1, "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "backbone_lr": 0.01,
         "weight_decay": 0.0, "momentum": 0.9, "warmup_steps": 0, "label_smoothing": 0.0,
         "crop_scale": [0.08, 1.0], "hflip_prob": 0.5, "device": "cpu", "num_workers": 0,
-        "seed": 0,
+        "seed": 0, "label_list": None, "keep_last_batch": True, "test_every_epoch": True,
     }  # fmt: skip
     assert {k: ft["settings"][k] for k in expected_cfg} == expected_cfg
     assert result["history"] == ft["history"] and len(result["history"]) == 1

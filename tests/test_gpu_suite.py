@@ -41,14 +41,17 @@ def _in_git() -> bool:
 
 @pytest.mark.slow
 def test_quick_suite_through_the_wrapper(tmp_path):
-    """`bash benchmarks/gpu_suite.sh DIR --quick` as on the GPU machine, at tiny sizes."""
+    """`bash benchmarks/gpu_suite.sh DIR --quick` as on the GPU machine, at tiny sizes. The
+    budgets are made large: how fast a busy CPU machine is must not decide the result (the
+    budget mechanism has its own tests below)."""
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", SMI_GPU_SUITE_TIMEOUT="7200")
+    budget = 100 * sum(gs.QUICK_BUDGETS.values())
     t0 = time.monotonic()
     r = subprocess.run(
-        ["bash", "benchmarks/gpu_suite.sh", str(out), "--quick"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        ["bash", "benchmarks/gpu_suite.sh", str(out), "--quick", "--budget-s", str(budget)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=7200,
     )  # fmt: skip
     wall = time.monotonic() - t0
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -60,11 +63,11 @@ def test_quick_suite_through_the_wrapper(tmp_path):
     for name, rec in data["steps"].items():
         assert rec["status"] == "ok", (name, rec.get("error"), rec.get("traceback"))
         assert 0 < rec["elapsed_s"] < wall
-    assert sum(data["budgets_s"].values()) == sum(gs.QUICK_BUDGETS.values())
+    assert sum(data["budgets_s"].values()) == pytest.approx(budget)
 
     env_rec = data["steps"]["environment"]["result"]
     assert env_rec["torch"] == torch.__version__
-    assert env_rec["command"] == f"bash benchmarks/gpu_suite.sh {out} --quick"
+    assert env_rec["command"] == f"bash benchmarks/gpu_suite.sh {out} --quick --budget-s {budget}"
     assert env_rec["env"]["SMI_FASHION_MNIST_DIR"]
     if _in_git():
         assert _is_commit(env_rec["git"]["commit"])
@@ -126,8 +129,15 @@ def test_quick_suite_through_the_wrapper(tmp_path):
     assert len([p for p in out.rglob("*") if p.is_file()]) <= 8  # what $OUT sends back
 
 
-def test_soft_deadline_keeps_the_first_measurement(tmp_path):
-    """A spent budget stops the step between measurements: timed_out, results kept."""
+def test_soft_deadline_keeps_the_first_measurement(tmp_path, monkeypatch):
+    """A spent budget stops the step between measurements: timed_out, results kept. The
+    hard interrupt is moved out of the way (its grace is 2 s at budget 0, and a busy machine
+    took longer for the first measurement): this test is about the soft stop only."""
+    run_step = gs.run_step
+    monkeypatch.setattr(
+        gs, "run_step", lambda suite, name, fn, budget_s, grace_s: run_step(
+            suite, name, fn, budget_s, 3600.0)
+    )  # fmt: skip
     out = tmp_path / "r.json"
     rc = gs.main(["--quick", "--steps", "loss_cost", "--budget", "loss_cost=0", "--out", str(out)])
     assert rc == 1
@@ -154,10 +164,8 @@ def test_hard_deadline_interrupts_a_stuck_step(tmp_path):
         assert on_disk == {"status": "running", "budget_s": 0.2, "result": {"partial": [1, 2]}}
         time.sleep(30)
 
-    t0 = time.monotonic()
     rec = gs.run_step(suite, "stuck", stuck, budget_s=0.2, grace_s=0.3)
-    assert time.monotonic() - t0 < 10
-    assert rec["status"] == "timed_out" and "interrupted" in rec["timeout"]
+    assert rec["status"] == "timed_out" and "interrupted" in rec["timeout"]  # not slept out
     assert json.loads(suite.path.read_text())["steps"]["stuck"]["result"] == {"partial": [1, 2]}
 
     def broken(step):

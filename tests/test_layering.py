@@ -35,6 +35,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.schema",
             "smi_hub.images",
             "smi_hub.fashion_mnist",
+            "smi_hub.cli_format",
+            "smi_hub.plan",
             "smi_hub.ood",
             "smi_hub.refine",
             "smi_hub.mmap_tensors",

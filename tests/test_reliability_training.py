@@ -154,6 +154,11 @@ CONFIG_CASES = [
         ["color_jitter[3] (hue)", "0.9", "[0, 0.5]"],
     ),
     ("jitter_length", ["data.augment.color_jitter=[0.4,0.4]"], ["color_jitter", "4 values"]),
+    (
+        "augment_device_unknown",
+        ["data.augment.device=tpu"],
+        ["data.augment.device", "tpu", "auto, cpu, gpu"],
+    ),
     ("crop_scale_zero", ["data.augment.crop_scale=[0,1]"], ["crop_scale[0]", "(0, 1]"]),
     ("crop_scale_reversed", ["data.augment.crop_scale=[0.9,0.2]"], ["crop_scale", "min <= max"]),
     ("crop_scale_above_one", ["data.augment.crop_scale=[0.08,1.5]"], ["crop_scale[1]", "1.5"]),

@@ -404,7 +404,8 @@ def check_readable(
 
 class ResumableSampler(torch.utils.data.Sampler[list[int]]):
     """Batch sampler: a per-epoch permutation from ``(seed, epoch)``, split across ranks,
-    full batches only, that can start at a given batch (to resume mid-epoch).
+    full batches only (``drop_last=False``: the last, partial batch too, shared among the ranks
+    when each gets an image), that can start at a given batch (to resume mid-epoch).
     """
 
     def __init__(
@@ -415,8 +416,9 @@ class ResumableSampler(torch.utils.data.Sampler[list[int]]):
         rank: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        drop_last: bool = True,
     ) -> None:
-        if num_samples < batch_size * num_replicas:
+        if num_samples < (batch_size if drop_last else 1) * num_replicas:
             raise DataError(
                 f"The dataset has {num_samples} images, fewer than one global batch "
                 f"({batch_size} x {num_replicas} ranks); lower train.batch_size."
@@ -427,11 +429,13 @@ class ResumableSampler(torch.utils.data.Sampler[list[int]]):
         self.rank = rank
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
 
     def batches_per_epoch(self) -> int:
-        return self.num_samples // (self.batch_size * self.num_replicas)
+        full, rest = divmod(self.num_samples, self.batch_size * self.num_replicas)
+        return full + int(not self.drop_last and rest >= self.num_replicas)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -448,7 +452,10 @@ class ResumableSampler(torch.utils.data.Sampler[list[int]]):
         global_bs = self.batch_size * self.num_replicas
         for b in range(self.start_batch, self.batches_per_epoch()):
             chunk = order[b * global_bs : (b + 1) * global_bs]
-            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            if len(chunk) < global_bs:  # the last, partial batch (drop_last=False)
+                yield chunk[self.rank :: self.num_replicas]
+            else:
+                yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
 
 
 def subset_indices(n: int, subset: int | None, seed: int = 0) -> list[int] | None:

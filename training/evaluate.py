@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
@@ -59,6 +60,7 @@ from training.eval_data import (
     load_model,
 )
 from training.finetune import FinetuneConfig, finetune, select_label_subset
+from training.label_lists import LabelListError, label_list_indices, read_label_list
 from training.probes import (
     EvalError,
     knn_classify,
@@ -183,11 +185,11 @@ def _parse_shots(values: list[str]) -> tuple[int | None, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate a backbone: k-NN, linear probes, transfer, semi-supervised.",
     )
-    p.add_argument("protocol", choices=PROTOCOLS)
+    p.add_argument("protocol", choices=PROTOCOLS, help="evaluation to run")
     p.add_argument(
         "--protocol",
         dest="recipe",
@@ -215,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fashion_mnist | imagefolder | hf | digits (scikit-learn's 8x8 digits)",
     )
     data.add_argument("--data-path", help="ImageFolder root or datasets folder")
-    data.add_argument("--train-split", default="train")
-    data.add_argument("--test-split", default="test")
-    data.add_argument("--image-key", default="image")
-    data.add_argument("--label-key", default="label")
+    data.add_argument("--train-split", default="train", help="split to train on")
+    data.add_argument("--test-split", default="test", help="split to report on")
+    data.add_argument("--image-key", default="image", help="image column (--dataset hf)")
+    data.add_argument("--label-key", default="label", help="label column (--dataset hf)")
     data.add_argument("--train-subset", type=int, help="use this many training images")
     data.add_argument("--test-subset", type=int, help="use this many test images")
     data.add_argument(
@@ -229,15 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
         "preprocessing, 256/224 for 224 px models, 1.0 for small ones)",
     )
     run = p.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=256)
-    run.add_argument("--num-workers", type=int, default=0)
-    run.add_argument("--device", default="cpu")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    run.add_argument("--seed", type=int, default=0, help="subsets, label subsets, init")
     run.add_argument("--cache-dir", help="feature cache (default <run-dir>/eval/features)")
     run.add_argument("--out", help="result JSON (default <run-dir>/eval/<protocol>.json)")
     knn = p.add_argument_group("k-NN")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=int, default=20, help="neighbours that vote")
+    knn.add_argument(
+        "--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)"
+    )
     lin = p.add_argument_group("linear probe / transfer / semisup")
     lin.add_argument(
         "--epochs", type=int, default=None, help="default: 100 (linear, transfer), 20 (semisup)"
@@ -248,13 +252,26 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument(
         "--weight-decay", type=float, nargs="+", default=None, help="default: the protocol's"
     )
-    lin.add_argument("--shots", nargs="+", default=["1", "5", "10", "all"])
-    lin.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    lin.add_argument("--classifier", choices=("linear", "knn"), default="linear")
+    lin.add_argument(
+        "--shots", nargs="+", default=["1", "5", "10", "all"],
+        help="transfer: labelled images per class (all: every one)",
+    )  # fmt: skip
+    lin.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="transfer: seeds of the shots"
+    )
+    lin.add_argument(
+        "--classifier", choices=("linear", "knn"), default="linear",
+        help="transfer: the few-shot classifier",
+    )  # fmt: skip
     semi = p.add_argument_group("semisup")
     semi.add_argument("--fraction", type=float, default=0.01, help="labelled fraction (0.01, 0.1)")
     semi.add_argument(
         "--subset-dir", help="folder of label-subset index files (default <out folder>/subsets)"
+    )
+    semi.add_argument(
+        "--subset-file",
+        help="the labelled images as a list of file names, one per line, as SimCLR's "
+        "1percent.txt / 10percent.txt (--dataset imagefolder); instead of a drawn subset",
     )
     return p
 
@@ -450,19 +467,27 @@ def _run_semisup(
     wd = (args.weight_decay or [ref["weight_decay"]])[0]
     epochs = args.epochs if args.epochs is not None else ref["epochs"]
 
-    # the subset finetune will draw (same source, subset and seed), pinned by an index file
     train = build_eval_source(
         args.dataset, args.data_path, args.train_split, args.image_key, args.label_key
     )
-    positions = subset_indices(len(train), args.train_subset, args.seed)
-    split_index = positions if positions is not None else list(range(len(train)))
-    if positions is not None:
-        train = IndexedSubset(train, positions)
-    labels = [int(t) for t in (getattr(train, "targets", None) or [y for _, y in train])]
-    chosen = select_label_subset(labels, fraction=args.fraction, seed=args.seed)
-    folder = args.subset_dir or str(Path(out).parent / "subsets")
-    index_file = subset_file(folder, args.dataset, args.train_split, args.fraction, args.seed)
-    indices = fix_subset(index_file, [split_index[i] for i in chosen])
+    if args.subset_file:  # a published list (SimCLR's 1percent.txt format): its files
+        if not hasattr(train, "samples") or args.train_subset:
+            raise EvalError("--subset-file names files: use --dataset imagefolder, no subset.")
+        index_file = Path(args.subset_file)
+        try:
+            indices = label_list_indices(train.samples, read_label_list(index_file))
+        except LabelListError as e:
+            raise EvalError(f"{index_file}: {e}") from e
+    else:  # the subset finetune will draw (same source, subset, seed), pinned by a file
+        positions = subset_indices(len(train), args.train_subset, args.seed)
+        split_index = positions if positions is not None else list(range(len(train)))
+        if positions is not None:
+            train = IndexedSubset(train, positions)
+        labels = [int(t) for t in (getattr(train, "targets", None) or [y for _, y in train])]
+        chosen = select_label_subset(labels, fraction=args.fraction, seed=args.seed)
+        folder = args.subset_dir or str(Path(out).parent / "subsets")
+        index_file = subset_file(folder, args.dataset, args.train_split, args.fraction, args.seed)
+        indices = fix_subset(index_file, [split_index[i] for i in chosen])
 
     stem = Path(out).with_suffix("")
     base = Path(f"{stem}_base")
@@ -471,11 +496,13 @@ def _run_semisup(
         model=str(base), data=args.dataset, out=f"{stem}_finetuned", data_path=args.data_path,
         train_split=args.train_split, test_split=args.test_split, image_key=args.image_key,
         label_key=args.label_key, train_subset=args.train_subset, test_subset=args.test_subset,
-        label_fraction=args.fraction, val_fraction=0.0, epochs=epochs,
+        label_fraction=None if args.subset_file else args.fraction,
+        label_list=args.subset_file, val_fraction=0.0, epochs=epochs,
         batch_size=ref["batch_size"], optimizer="sgd", lr=lr_head, backbone_lr=lr_backbone,
         weight_decay=wd, momentum=0.9, warmup_steps=0, label_smoothing=0.0,
         crop_scale=(0.08, 1.0), hflip_prob=0.5, device=args.device,
-        num_workers=args.num_workers, seed=args.seed,
+        num_workers=args.num_workers, seed=args.seed, keep_last_batch=True,
+        test_every_epoch=True,
     )  # fmt: skip
     res = finetune(cfg)
     used = json.loads((Path(cfg.out) / "labels.json").read_text())["train_indices"]
@@ -488,7 +515,12 @@ def _run_semisup(
         test_images=res["metrics"].get("test_images"),
     )  # fmt: skip
     extra["history"] = res.get("history", [])
-    return {k: float(res["metrics"][k]) for k in ("top1", "top5")}
+    m = res["metrics"]  # final, and the best epoch's (as the references print best_acc)
+    return {
+        "top1": float(m["top1"]), "top5": float(m["top5"]),
+        "best_top1": float(m["best_test_top1"]), "best_top5": float(m["best_test_top5"]),
+        "best_epoch": int(m["best_test_epoch"]),
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

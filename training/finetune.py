@@ -43,10 +43,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import smi_hub
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from smi_hub.outputs import Claim, claim_output_dir, resolve_output
+from smi_hub.plan import TIMED_BATCH, print_plan, seconds_per_image
 from training import distributed as D
 from training.checkpoint import (
     CheckpointError,
@@ -68,6 +70,7 @@ from training.data import (
     view_transform,
 )
 from training.eval_data import default_resize_ratio
+from training.label_lists import LabelListError, label_list_indices, read_label_list
 from training.optim import WarmupCosine
 
 log = logging.getLogger("training.finetune")
@@ -95,6 +98,7 @@ class FinetuneConfig:
     test_subset: int | None = None
     label_fraction: float | None = None  # keep this fraction of each class's labels
     labels_per_class: int | None = None  # or this many labelled images per class
+    label_list: str | None = None  # or the files a list names (SimCLR's 1percent.txt format)
     val_fraction: float = 0.1  # of the labelled images, per class; 0: keep the last epoch
     random_init: bool = False  # same recipe from a randomly initialized backbone
     epochs: int = 10
@@ -119,6 +123,8 @@ class FinetuneConfig:
     seed: int = 0
     progress: bool = True
     name: str | None = None  # model card title (default: the out folder name)
+    keep_last_batch: bool = False  # train on an epoch's last, partial batch too (references)
+    test_every_epoch: bool = False  # test after every epoch: best-epoch scores beside final
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -230,6 +236,9 @@ def build_model(cfg: FinetuneConfig, num_classes: int, class_names: Sequence[str
     model = smi_hub.load(cfg.model, pretrained=not cfg.random_init)
     model.projector, model.projector_dims = None, []
     model.reset_classifier(num_classes, class_names=class_names)
+    with torch.no_grad():  # as Barlow Twins' and VICReg's evaluate.py
+        model.fc.weight.normal_(mean=0.0, std=0.01)
+        model.fc.bias.zero_()
     return model
 
 
@@ -321,6 +330,16 @@ def _train_step(
 # --------------------------------------------------------------------------------------------
 
 
+def _test_dataset(cfg: FinetuneConfig, model: SMIModel) -> _MappedDataset:
+    """The test split (``test_subset`` of it) with the model's evaluation transform."""
+    test = build_source(cfg.data, cfg.data_path, cfg.test_split, cfg.image_key, cfg.label_key)
+    idx = subset_indices(len(test), cfg.test_subset, cfg.seed)
+    if idx is not None:
+        test = IndexedSubset(test, idx)
+    ev = eval_transform(model.image_size, model.mean, model.std, default_resize_ratio(model))
+    return _MappedDataset(test, ev)
+
+
 # Allowed values of the numeric settings (None values of optional settings are skipped), with
 # the pretraining config's Range checks.
 RANGES: dict[str, Range] = {
@@ -399,6 +418,13 @@ def _check_classes(cfg: FinetuneConfig, labels: list[int], class_names: list[str
 
 
 def _check(cfg: FinetuneConfig) -> None:
+    if cfg.data in ("imagefolder", "hf") and not cfg.data_path:
+        raise FinetuneError(
+            f"--data {cfg.data} needs --data-path (data_path): "
+            + ("an ImageFolder root." if cfg.data == "imagefolder" else "a datasets folder/file.")
+        )
+    if cfg.data_path and not Path(cfg.data_path).exists():
+        raise FinetuneError(f"--data-path {cfg.data_path} does not exist.")
     _check_settings(cfg)
     if cfg.precision not in PRECISIONS:
         raise FinetuneError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}.")
@@ -410,6 +436,13 @@ def _check(cfg: FinetuneConfig) -> None:
         raise FinetuneError("batch_size and lr must be positive and backbone_lr >= 0.")
     if not 0 < cfg.layer_decay <= 1:
         raise FinetuneError(f"layer_decay must be in (0, 1], got {cfg.layer_decay}.")
+    if cfg.label_list and (cfg.label_fraction or cfg.labels_per_class or cfg.train_subset):
+        raise FinetuneError(
+            "--label-list names the labelled images itself; drop --label-fraction, "
+            "--labels-per-class and --train-subset."
+        )
+    if cfg.test_every_epoch and not cfg.test_split:
+        raise FinetuneError("test_every_epoch needs a test split (--test-split).")
 
 
 def _main_process() -> bool:
@@ -460,7 +493,15 @@ def _finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[str
     num_classes = max(len(classes), max(labels) + 1)
     class_names = classes if len(classes) == num_classes else [str(c) for c in range(num_classes)]
     _check_classes(cfg, labels, class_names)
-    labelled = select_label_subset(labels, cfg.label_fraction, cfg.labels_per_class, cfg.seed)
+    if cfg.label_list:
+        if not hasattr(base, "samples"):
+            raise FinetuneError("--label-list names files: it needs --data imagefolder.")
+        try:
+            labelled = label_list_indices(base.samples, read_label_list(cfg.label_list))
+        except LabelListError as e:
+            raise FinetuneError(f"{cfg.label_list}: {e}") from e
+    else:
+        labelled = select_label_subset(labels, cfg.label_fraction, cfg.labels_per_class, cfg.seed)
     train_idx, val_idx = split_validation(labels, labelled, cfg.val_fraction, cfg.seed)
     model = build_model(cfg, num_classes, class_names)
     mean, std, size = model.mean, model.std, model.image_size
@@ -471,6 +512,7 @@ def _finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[str
     evaluation = eval_transform(size, mean, std, default_resize_ratio(model))
     train_ds = _MappedDataset(IndexedSubset(base, train_idx), augment, seed=cfg.seed)
     val_ds = _MappedDataset(IndexedSubset(base, val_idx), evaluation) if val_idx else None
+    test_ds = _test_dataset(cfg, model) if cfg.test_every_epoch else None
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -482,6 +524,7 @@ def _finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[str
                     "seed": cfg.seed,
                     "label_fraction": cfg.label_fraction,
                     "labels_per_class": cfg.labels_per_class,
+                    "label_list": cfg.label_list,
                     "val_fraction": cfg.val_fraction,
                     "classes": class_names,
                     "train_indices": [split_index[i] for i in train_idx],
@@ -498,7 +541,9 @@ def _finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[str
             log.info("Only %d training images: batch size lowered to %d.", len(train_ds), batch)
     if batch % ws:
         raise FinetuneError(f"batch_size={batch} is not divisible by the {ws} processes.")
-    sampler = ResumableSampler(len(train_ds), batch // ws, ws, rk, seed=cfg.seed)
+    sampler = ResumableSampler(
+        len(train_ds), batch // ws, ws, rk, seed=cfg.seed, drop_last=not cfg.keep_last_batch
+    )
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=sampler, num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
@@ -547,6 +592,16 @@ def _finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[str
         total_steps = int(state["scheduler"]["total_steps"])
         if is_main:
             log.info("Resumed from %s: epoch %d, step %d.", resume_path, start_epoch, step)
+    if is_main:
+        per_image = seconds_per_image(model, model.image_size, device, train=True)
+        print_plan(
+            f"finetune {cfg.model} on {len(train_ds):,} labelled images x {cfg.epochs} epochs = "
+            f"{total_steps:,} steps of {batch} ({total_steps - step:,} to go) on {ws} x "
+            f"{device} -> {cfg.out}",
+            per_image * (batch // ws) * (total_steps - step),
+            f"model compute of 1 timed batch of {TIMED_BATCH}; data loading and evaluation "
+            "not included",
+        )
     net: nn.Module = model
     if ws > 1:
         net = DistributedDataParallel(
@@ -585,6 +640,9 @@ def _finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[str
             if val["top1"] > best["val_top1"]:
                 state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 best.update(val_top1=val["top1"], epoch=epoch_float, step=step, state=state)
+        if is_main and test_ds is not None:
+            res = evaluate_classifier(model, test_ds, device, cfg.eval_batch_size, cfg.precision)
+            record.update(test_top1=res["top1"], test_top5=res["top5"])
         history.append(record)
         if is_main:
             log.info("epoch %.2f: %s", epoch_float, record)
@@ -658,20 +716,24 @@ def _finish(
     out = claim.path
     if best["state"] is not None:
         model.load_state_dict(best["state"])
+    chosen = best if best["state"] is not None else history[-1]
     metrics: dict[str, Any] = {
         "val_top1": best["val_top1"] if best["state"] is not None else None,
-        "best_epoch": best["epoch"] if best["state"] is not None else history[-1]["epoch"],
+        "best_epoch": math.ceil(chosen["epoch"]),  # 1-based; a cut-short epoch counts as one
+        "best_step": chosen["step"],
     }
     if cfg.test_split:
-        test = build_source(cfg.data, cfg.data_path, cfg.test_split, cfg.image_key, cfg.label_key)
-        idx = subset_indices(len(test), cfg.test_subset, cfg.seed)
-        if idx is not None:
-            test = IndexedSubset(test, idx)
-        ev = eval_transform(model.image_size, model.mean, model.std, default_resize_ratio(model))
-        res = evaluate_classifier(
-            model, _MappedDataset(test, ev), device, cfg.eval_batch_size, cfg.precision
-        )
+        test = _test_dataset(cfg, model)
+        res = evaluate_classifier(model, test, device, cfg.eval_batch_size, cfg.precision)
         metrics.update(top1=res["top1"], top5=res["top5"], test_images=len(test))
+    tested = [r for r in history if "test_top1" in r]
+    if tested:  # the references' report: the best epoch's test scores beside the final ones
+        top = max(tested, key=lambda r: r["test_top1"])
+        metrics.update(
+            best_test_top1=top["test_top1"],
+            best_test_top5=max(r["test_top5"] for r in tested),
+            best_test_epoch=math.ceil(top["epoch"]),
+        )
     base_cfg = getattr(model, "weights_config", {}) or {}
     training = {
         "task": "finetune",
@@ -714,7 +776,7 @@ def _finish(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m training.finetune",
         description="Fine-tune smi-hub weights (head + backbone) into an image classifier.",
     )
@@ -728,37 +790,72 @@ def build_parser() -> argparse.ArgumentParser:
         help="write into a folder holding other files (only the weights files are replaced)",
     )
     p.add_argument("--data-path", help="ImageFolder root or Hugging Face datasets folder/file")
-    p.add_argument("--train-split", default=d.train_split)
+    p.add_argument("--train-split", default=d.train_split, help="split to train on")
     p.add_argument("--test-split", default=d.test_split, help="'none': no test evaluation")
-    p.add_argument("--image-key", default=d.image_key)
-    p.add_argument("--label-key", default=d.label_key)
+    p.add_argument("--image-key", default=d.image_key, help="image column (--data hf)")
+    p.add_argument("--label-key", default=d.label_key, help="label column (--data hf)")
     p.add_argument("--train-subset", type=int, help="use a random subset of N training images")
     p.add_argument("--test-subset", type=int, help="use a random subset of N test images")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--label-fraction", type=float, help="fraction of labels kept per class")
     labels.add_argument("--labels-per-class", type=int, help="labelled images kept per class")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    labels.add_argument(
+        "--label-list",
+        help="file naming the labelled images, one file name per line (SimCLR's 1percent.txt "
+        "format; --data imagefolder)",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=d.val_fraction,
+        help="of the labelled images per class, held out to pick the best epoch (0: last)",
+    )  # fmt: skip
     p.add_argument("--random-init", action="store_true", help="same recipe, random backbone")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the labelled images")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke runs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
     p.add_argument("--lr", type=float, default=d.lr, help="head learning rate")
-    p.add_argument("--backbone-lr", type=float, help="default lr/10; 0 freezes the backbone")
-    p.add_argument("--layer-decay", type=float, default=d.layer_decay)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    p.add_argument("--crop-scale", type=float, nargs=2, default=list(d.crop_scale))
-    p.add_argument("--hflip-prob", type=float, default=d.hflip_prob)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument(
+        "--backbone-lr",
+        type=float,
+        help="backbone learning rate (default: --lr / 10); 0 freezes it",
+    )
+    p.add_argument(
+        "--layer-decay", type=float, default=d.layer_decay,
+        help="backbone LR x decay ** (stages above the layer); 1: uniform",
+    )  # fmt: skip
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up (default: 5%% of the steps)")
+    p.add_argument(
+        "--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy smoothing"
+    )
+    p.add_argument(
+        "--crop-scale", type=float, nargs=2, default=list(d.crop_scale),
+        help="RandomResizedCrop area range (1 1: no crop)",
+    )  # fmt: skip
+    p.add_argument(
+        "--hflip-prob", type=float, default=d.hflip_prob, help="horizontal flip probability"
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=d.precision, help="autocast precision"
+    )
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes"
+    )
+    p.add_argument(
+        "--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
+        help="mid-epoch checkpoint interval (and one at each epoch end)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed, help="label subset, split, data order")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--name", help="model card title (default: the --out folder name)")
     p.add_argument("--resume", default="none", help="'auto', a checkpoint path, or 'none'")
+    p.add_argument(
+        "--keep-last-batch", action="store_true", help="train on each epoch's last partial batch"
+    )
+    p.add_argument(
+        "--test-every-epoch", action="store_true", help="also report the best epoch's test scores"
+    )
     return p
 
 
@@ -770,7 +867,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         test_split=None if str(args.test_split).lower() == "none" else args.test_split,
         image_key=args.image_key, label_key=args.label_key, train_subset=args.train_subset,
         test_subset=args.test_subset, label_fraction=args.label_fraction,
-        labels_per_class=args.labels_per_class, val_fraction=args.val_fraction,
+        labels_per_class=args.labels_per_class, label_list=args.label_list,
+        val_fraction=args.val_fraction, keep_last_batch=args.keep_last_batch,
+        test_every_epoch=args.test_every_epoch,
         random_init=args.random_init, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         backbone_lr=args.backbone_lr, layer_decay=args.layer_decay,
@@ -788,14 +887,31 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = finetune(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except (FinetuneError, DataError, CheckpointError, SMIHubError) as e:
-        print(f"Error: {e}", file=sys.stderr)
+        print(f"Error: {cli_words(str(e))}", file=sys.stderr)
         return 2
     finally:
         D.cleanup_distributed()
     if result:
-        m = result["metrics"]
-        print(f"Fine-tuned weights -> {args.out}: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+        shown = [f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in
+                 result["metrics"].items()]  # fmt: skip
+        print(f"Fine-tuned weights -> {args.out}: " + ", ".join(shown))
     return 0
+
+
+_CONFIG_KEYS = {  # the pretraining config keys training.data names, as this CLI's flags
+    "data.path": "--data-path",
+    "data.split": "--train-split/--test-split",
+    "data.image_key": "--image-key",
+    "data.label_key": "--label-key",
+    "train.batch_size": "--batch-size",
+}
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the pretraining config keys replaced by this command's flags."""
+    for key, flag in _CONFIG_KEYS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ projector output, on ``--subset`` test images:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
@@ -179,15 +179,15 @@ def plot(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.geometry", description=__doc__)
+    p = ArgumentParser(prog="python -m training.geometry", description=__doc__)
     p.add_argument("models", nargs="+", help="LABEL=CHECKPOINT|FOLDER|NAME|random:CONFIG")
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--data-path")
-    p.add_argument("--split", default="test")
+    p.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist | imagefolder | hf")
+    p.add_argument("--data-path", help="ImageFolder root or datasets folder")
+    p.add_argument("--split", default="test", help="split whose images are measured")
     p.add_argument("--subset", type=int, default=2000, help="images used (all: 0)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="recipe whose augmentations to use")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--seed", type=int, default=0, help="image subset and augmentations")
     p.add_argument("--out", help="JSON of all metrics (and spectra)")
     p.add_argument("--plot", help="PNG of the backbone variance spectra")
     args = p.parse_args(argv)

@@ -8,10 +8,11 @@ Reads each run's ``metrics.jsonl``; needs matplotlib (in the ``dev`` extra).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from smi_hub.cli_format import ArgumentParser
 
 MONITORS = (
     ("projector_effective_rank", "projector effective rank (RankMe)"),
@@ -76,7 +77,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--labels", nargs="+", help="legend labels, one per run")

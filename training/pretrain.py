@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from smi_hub.cli_format import ArgumentParser
 from smi_hub.models import SMIModel
 from smi_hub.outputs import OutputFolderError, claim_output_dir, resolve_output
+from smi_hub.plan import TIMED_BATCH, print_plan, seconds_per_image
 from training import distributed as D
 from training.batch_augment import BatchAugment, CropTwoViews, view_specs
 from training.checkpoint import (
@@ -295,6 +297,16 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
         )
         if is_main:
             log.info("Resumed from %s: epoch %d, step %d.", resume_path, start_epoch, step)
+    if is_main:
+        per_image = seconds_per_image(model, cfg.model.image_size, device, train=True)
+        print_plan(
+            f"pretrain {cfg.loss.name} on {len(dataset):,} images x {cfg.train.epochs} epochs = "
+            f"{total_steps:,} steps of {cfg.train.batch_size} ({total_steps - step:,} to go) on "
+            f"{ws} x {device} -> {out}",
+            per_image * 2 * local_bs * (total_steps - step),
+            f"model compute of 1 timed batch of {TIMED_BATCH} x 2 views; data loading and the "
+            "loss not included",
+        )
     if ws > 1:
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -537,7 +549,7 @@ def _fmt_time(seconds: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m training.pretrain",
         description="Self-supervised pretraining (SMI, Barlow Twins or VICReg) of an SMIModel.",
     )

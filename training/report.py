@@ -11,10 +11,11 @@ same folders (``transfer_digits.json``, per-class ``linear.json``, ``semisup_<fr
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from smi_hub.cli_format import ArgumentParser
 
 
 def read_results(folder: str | Path) -> dict[str, dict[str, Any]]:
@@ -138,7 +139,7 @@ TABLES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="LABEL=FOLDER of evaluation JSONs")
     parser.add_argument(
         "--table",
