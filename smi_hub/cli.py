@@ -25,6 +25,18 @@ from smi_hub.cli_weights import cmd_export, cmd_info, cmd_list
 from smi_hub.errors import SMIHubError
 
 
+def _refine(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be auto, 0 (off) or a k factor >= 1, got {text!r}")
+    return value
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -107,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=probability, default=0.95, help="recall@10 to tune for")
     p.add_argument("--nprobe", type=_positive_int, default=None, help="IVF cells searched")
     p.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW efSearch")
+    p.add_argument(
+        "--refine",
+        type=_refine,
+        default="auto",
+        help="re-rank k x N candidates exactly on the float vectors, memory-mapped from the "
+        "index folder (0: off; auto: N=8 when auto picks lossy codes and they fit --disk-budget)",
+    )
+    p.add_argument(
+        "--disk-budget", type=memory_size, default="64GB", help="disk for the float vectors"
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -55,11 +55,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         nprobe=args.nprobe,
         ef_search=args.ef_search,
+        refine=args.refine,
+        disk_budget=args.disk_budget,
     )
     index.save(args.out, overwrite=args.overwrite)
     skipped = f"; {len(failed)} unreadable file(s) skipped" if failed else ""
     report = index.metadata["build"]
-    how = report["factory"]
+    how = report["factory"] + (f", refine k x {index.refine}" if index.refine else "")
     if "recall_at_10" in report:
         knob = "nprobe" if "nprobe" in report else "efSearch"
         how += (
