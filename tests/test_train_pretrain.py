@@ -46,6 +46,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_pretraining_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(
