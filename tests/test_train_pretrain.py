@@ -126,6 +126,7 @@ def test_pretraining_learns_compared_with_a_no_update_control(tmp_path, monkeypa
     assert sum(learn[4:]) / 4 < sum(control[4:]) / 4 - 0.05 * abs(sum(control[4:]) / 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["barlow_twins", "vicreg"])
 def test_baselines_train_with_the_same_pipeline(tmp_path, loss):
     out = tmp_path / loss
