@@ -136,6 +136,7 @@ def test_baselines_train_with_the_same_pipeline(tmp_path, loss):
     assert load_checkpoint(out)["config"]["loss"]["name"] == loss
 
 
+@pytest.mark.slow
 def test_resume_in_process_matches_uninterrupted(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     extra = ("train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=10")
