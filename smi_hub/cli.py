@@ -27,6 +27,18 @@ class UsageError(SMIHubError):
     """A command-line argument that cannot work (exit status 2, before any work is done)."""
 
 
+def _refine(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be auto, 0 (off) or a k factor >= 1, got {text!r}")
+    return value
+
+
 def check_device(device: str) -> None:
     """``UsageError`` unless ``device`` names a device that exists here."""
     import torch
@@ -193,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=probability, default=0.95, help="recall@10 to tune for")
     p.add_argument("--nprobe", type=_positive_int, default=None, help="IVF cells searched")
     p.add_argument("--ef-search", type=_positive_int, default=None, help="HNSW efSearch")
+    p.add_argument(
+        "--refine",
+        type=_refine,
+        default="auto",
+        help="re-rank k x N candidates exactly on the float vectors, memory-mapped from the "
+        "index folder (0: off; auto: N=8 when auto picks lossy codes and they fit --disk-budget)",
+    )
+    p.add_argument(
+        "--disk-budget", type=memory_size, default="64GB", help="disk for the float vectors"
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -442,11 +464,13 @@ def cmd_index(args: argparse.Namespace) -> int:
         target_recall=args.target_recall,
         nprobe=args.nprobe,
         ef_search=args.ef_search,
+        refine=args.refine,
+        disk_budget=args.disk_budget,
     )
     index.save(args.out, overwrite=args.overwrite)
     skipped = f"; {len(failed)} unreadable file(s) skipped" if failed else ""
     report = index.metadata["build"]
-    how = report["factory"]
+    how = report["factory"] + (f", refine k x {index.refine}" if index.refine else "")
     if "recall_at_10" in report:
         knob = "nprobe" if "nprobe" in report else "efSearch"
         how += (

@@ -17,7 +17,9 @@ on a held-out sample of queries, and that recall is recorded in ``metadata["buil
 
 Saved as a folder, replaced as a whole (``fileio.atomic_folder``): ``index.json`` (labels,
 kind, metadata, sha256 of every other file, checked on load) and ``embeddings.safetensors``
-(``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on load). Nothing is pickled.
+(``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on load), and ``vectors.npy``
+when the index re-ranks on the float vectors (``refine``, :mod:`smi_hub.refine`). Nothing is
+pickled.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ from smi_hub.mmap_tensors import mmap_tensor
 from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
 from smi_hub.outputs import claim_output_dir, commit_folder
 from smi_hub.plan import print_plan
+from smi_hub.refine import (
+    DEFAULT_DISK_BUDGET,
+    VECTORS_NAME,
+    RefineVectors,
+    check_refine,
+    resolve_refine,
+    tune_k_factor,
+)
 
 INDEX_FORMAT = 2
 EMBEDDINGS_NAME = "embeddings.safetensors"
@@ -224,6 +234,10 @@ class EmbeddingIndex:
         memory_budget: bytes (or ``"2GB"``) the vectors may take, for ``kind="auto"``.
         nprobe, ef_search: search-time knobs of IVF / HNSW kinds (more: slower, more exact);
             :meth:`build` tunes them to ``target_recall`` when not given.
+        refine: re-rank ``k * refine`` approximate candidates exactly on the float vectors,
+            memory-mapped from ``vectors.npy`` (0: off; ``"auto"``: see :mod:`smi_hub.refine`).
+        disk_budget: bytes (or ``"64GB"``) the float vectors may take on disk, for
+            ``refine="auto"``.
     """
 
     def __init__(
@@ -235,6 +249,8 @@ class EmbeddingIndex:
         memory_budget: int | str = DEFAULT_BUDGET,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine: int | str | None = "auto",
+        disk_budget: int | str = DEFAULT_DISK_BUDGET,
     ) -> None:
         if backend not in ("torch", "faiss"):
             raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}.")
@@ -250,6 +266,15 @@ class EmbeddingIndex:
         self.labels: list[Any] = []
         self.nprobe = _knob(nprobe, "nprobe")
         self.ef_search = _knob(ef_search, "ef_search")
+        self.refine = check_refine(refine)
+        if kind == "flat" and self.refine not in (0, "auto"):
+            raise ValueError(
+                "refine re-ranks an approximate index's candidates; kind='flat' is "
+                "exact already: drop refine or pick an approximate kind."
+            )
+        self.refine = 0 if kind == "flat" else self.refine
+        self.disk_budget = parse_bytes(disk_budget)
+        self._vectors: RefineVectors | None = None
         self._faiss: Any = None
         self._mapped = False  # a memory-mapped faiss index (read-only)
         if self.backend == "faiss":
@@ -271,7 +296,10 @@ class EmbeddingIndex:
         if self.factory is None:
             assert self.dim is not None
             self.factory = factory_string(self.kind, n, self.dim, self.memory_budget)
-            self.kind = _kind_of(self.factory)
+            was_auto, self.kind = self.kind == "auto", _kind_of(self.factory)
+            self.refine = resolve_refine(
+                self.refine, was_auto, self.kind, self.factory, n, self.dim, self.disk_budget
+            )
             if self.kind == "flat":
                 self.factory = "Flat"
             else:
@@ -344,6 +372,8 @@ class EmbeddingIndex:
                 self._faiss = faiss.deserialize_index(faiss.serialize_index(self._faiss))
                 self._mapped = False
             self._faiss.add(x.numpy())
+            if self.refine:
+                self._vectors = RefineVectors.extend(self._vectors, x.numpy())
         self.labels.extend(labels)
         return self
 
@@ -362,6 +392,8 @@ class EmbeddingIndex:
         ef_search: int | None = None,
         chunk_size: int = 65536,
         seed: int = 0,
+        refine: int | str | None = "auto",
+        disk_budget: int | str = DEFAULT_DISK_BUDGET,
         progress: bool | None = None,
     ) -> EmbeddingIndex:
         """Build an index from a :class:`~smi_hub.FeatureStore` (read shard by shard, never
@@ -429,8 +461,12 @@ class EmbeddingIndex:
             memory_budget=memory_budget,
             nprobe=nprobe,
             ef_search=ef_search,
+            refine=refine,
+            disk_budget=disk_budget,
         )
         index._resolve(n)
+        if index.refine:  # the float vectors, on a temporary file until saved
+            index._vectors = RefineVectors.empty(n, dim)
         _warn_unused_knobs(index.kind, nprobe, ef_search)
         bar = tqdm(
             total=n, desc=f"index {index.factory}", unit="vec", unit_scale=True,
@@ -463,6 +499,8 @@ class EmbeddingIndex:
                 index.embeddings[pos : pos + part.shape[0]] = part
             else:
                 index._faiss.add(part.numpy())
+                if index._vectors is not None:
+                    index._vectors.write(pos, part.numpy())
             pos += part.shape[0]
             bar.update(part.shape[0])
         index.labels = labels
@@ -472,6 +510,7 @@ class EmbeddingIndex:
             "factory": index.factory,
             "vectors": n,
             "train_vectors": int(len(train_ids)),
+            "refine": index.refine,
             "train_s": round(t_train, 3),
             "build_s": round(t_built, 3),
         }
@@ -496,6 +535,14 @@ class EmbeddingIndex:
                 if r >= target_recall:
                     break
             index._set_knob(knob, value)
+            if refine == "auto" and index.refine:  # a k factor auto chose: tune it too
+                index.refine, recall = tune_k_factor(
+                    lambda f: recall_at_k(index.search(q, k=k, refine=f).indices, truth),
+                    index.refine,
+                    recall,
+                    target_recall,
+                )
+                report["refine"] = index.refine
             if index.kind == "hnsw":
                 index.ef_search = value
             else:
@@ -521,14 +568,17 @@ class EmbeddingIndex:
                         else f"{name} need a memory_budget of about {need / 2**30:.1f} GiB "
                         f"(now {index.memory_budget / 2**30:.2f} GiB)"
                     )
+                    redo = f"a larger refine than {index.refine}" if index.refine else "refine=8"
                     why = (
                         f"at the best {knob} ({value}): the codes' compression is the limit; {fix}"
+                        f", or re-rank on the float vectors ({redo})"
                     )
                 else:
                     why = f"at the best {knob} ({value}; a larger one stopped helping)"
+                refined = f" re-ranking k x {index.refine}" if index.refine else ""
                 warnings.warn(
                     f"recall@10 {recall:.3f} on {q.shape[0]} held-out queries is below "
-                    f"target_recall {target_recall} for {index.factory} {why}.",
+                    f"target_recall {target_recall} for {index.factory}{refined} {why}.",
                     stacklevel=2,
                 )
         bar.close()
@@ -561,9 +611,11 @@ class EmbeddingIndex:
         k: int = 5,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        refine: int | None = None,
     ) -> SearchResult:
         """The ``k`` most cosine-similar stored vectors of each query (k is capped at len).
-        ``nprobe`` / ``ef_search`` override the index's knobs for this call."""
+        ``nprobe`` / ``ef_search`` / ``refine`` (0: off) override the index's knobs for this
+        call."""
         if len(self) == 0:
             raise ValueError("The index is empty; add() embeddings first.")
         q = _normalize(check_finite(_as_matrix(queries, "queries"), "queries", zero=True))
@@ -584,7 +636,19 @@ class EmbeddingIndex:
                 self._set_knob("nprobe", nprobe or self.nprobe)
             if self.kind == "hnsw" and (ef_search or self.ef_search):
                 self._set_knob("efSearch", max(k, ef_search or self.ef_search))
-            scores_np, idx_np = index.search(q.numpy(), k)
+            factor = self.refine if refine is None else check_refine(refine)
+            if factor == "auto":
+                raise ValueError("search(refine=...) takes a k factor (0: off), not 'auto'.")
+            if factor and self._vectors is None:
+                raise ValueError(
+                    "This index stores no float vectors to refine on; build it "
+                    "with refine=N (a k factor) or search with refine=0."
+                )
+            fetch = min(len(self), k * factor) if factor else k
+            scores_np, idx_np = index.search(q.numpy(), fetch)
+            if factor:
+                assert self._vectors is not None
+                scores_np, idx_np = self._vectors.rerank(q.numpy(), idx_np, k)
             scores, indices = torch.from_numpy(scores_np), torch.from_numpy(idx_np).long()
         labels = [[self.labels[j] if j >= 0 else None for j in row] for row in indices.tolist()]
         return SearchResult(scores, indices, labels)
@@ -611,6 +675,10 @@ class EmbeddingIndex:
             else:
                 name = FAISS_NAME
                 _import_faiss().write_index(self._faiss, str(tmp / name))
+            files = {name: _sha256_file(tmp / name)}
+            if self._vectors is not None:
+                self._vectors.save(tmp / VECTORS_NAME)
+                files[VECTORS_NAME] = _sha256_file(tmp / VECTORS_NAME)
             info = {
                 "format": "smi-hub-index",
                 "format_version": INDEX_FORMAT,
@@ -621,7 +689,8 @@ class EmbeddingIndex:
                 "metric": "cosine",
                 "nprobe": self.nprobe,
                 "ef_search": self.ef_search,
-                "files": {name: _sha256_file(tmp / name)},
+                "refine": self.refine if self._vectors is not None else 0,
+                "files": files,
                 "labels": self.labels,
                 "metadata": self.metadata,
             }
@@ -664,6 +733,7 @@ class EmbeddingIndex:
             kind=kind,
             nprobe=info.get("nprobe"),
             ef_search=info.get("ef_search"),
+            refine=info.get("refine", 0),
         )
         index.factory = info["factory"]
         index.labels = list(info["labels"])
@@ -683,6 +753,9 @@ class EmbeddingIndex:
                 index._mapped = bool(mmap)
                 index.embeddings = None
                 ok = index._faiss.ntotal == info["count"] and index._faiss.d == info["dim"]
+                if index.refine:
+                    index._vectors = _load_vectors(folder, info, mmap)
+                    ok = ok and index._vectors.array.shape == (info["count"], info["dim"])
         except SMIHubError:
             raise
         except Exception as e:
@@ -690,6 +763,17 @@ class EmbeddingIndex:
         if not ok or len(index.labels) != info["count"]:
             raise SMIHubError(f"{folder}: {INDEX_NAME} and {name} disagree; rebuild it.")
         return index
+
+
+def _load_vectors(folder: Path, info: dict[str, Any], mmap: bool) -> RefineVectors:
+    """The float vectors a refined index re-ranks on, checked against ``index.json``."""
+    path = folder / VECTORS_NAME
+    if not path.is_file() or info["files"].get(VECTORS_NAME) != _sha256_file(path):
+        raise SMIHubError(
+            f"{path} is missing or its sha256 differs from {INDEX_NAME}'s record (this index "
+            "re-ranks on it: refine); the index folder is damaged. Rebuild it."
+        )
+    return RefineVectors.load(path, mmap)
 
 
 def _fail(meta_path: Path, field: str, problem: str) -> SMIHubError:
@@ -733,6 +817,9 @@ def check_index_info(info: Any, meta_path: Path) -> tuple[str, str]:
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
                                       and value >= 1):  # fmt: skip
             raise _fail(meta_path, knob, f"is {value!r}, not null or an integer >= 1")
+    refine = info.get("refine", 0)
+    if not (isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0):
+        raise _fail(meta_path, "refine", f"is {refine!r}, not an integer >= 0 (0: off)")
     if not isinstance(info.get("metadata", {}), dict | None):
         raise _fail(meta_path, "metadata", "is not an object")
     name = EMBEDDINGS_NAME if kind == "flat" else FAISS_NAME

@@ -68,7 +68,10 @@ _TMP = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
 
 KINDS = {
     "index": Kind(
-        "index.json", (r"embeddings\.safetensors", r"index\.faiss"), (), ("format", "smi-hub-index")
+        "index.json",
+        (r"embeddings\.safetensors", r"index\.faiss", r"vectors\.npy"),
+        (),
+        ("format", "smi-hub-index"),
     ),
     "features": Kind(
         "manifest.json",

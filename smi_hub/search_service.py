@@ -207,6 +207,7 @@ class SearchService:
                 "dim": self.index.dim,
                 "nprobe": self.index.nprobe,
                 "ef_search": self.index.ef_search,
+                "refine": self.index.refine,
                 "recall_at_10": build.get(
                     "recall_at_10", 1.0 if self.index.kind == "flat" else None
                 ),

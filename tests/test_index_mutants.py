@@ -506,6 +506,7 @@ def test_index_json_records_everything(db, tmp_path):
         "metric": "cosine",
         "nprobe": 2,
         "ef_search": None,
+        "refine": 0,
         "files": {"index.faiss": hashlib.sha256(data).hexdigest()},
         "labels": list(range(3000)),
         "metadata": index.metadata,

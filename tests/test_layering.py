@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.cli_format",
             "smi_hub.plan",
             "smi_hub.ood",
+            "smi_hub.refine",
             "smi_hub.mmap_tensors",
         ),
     ),

@@ -168,6 +168,7 @@ def test_info_healthz_openapi(built, client):
     info = client.get("/v1/info").json()
     assert info["model"] == "smi_resnet18_fmnist" and info["index"]["kind"] == "flat"
     assert info["index"]["count"] == 30 and info["index"]["recall_at_10"] == 1.0
+    assert info["index"]["refine"] == 0  # exact: nothing to re-rank
     assert info["preprocessing"]["input_size"] == [3, 28, 28]
     assert 0 < info["out_of_domain"]["threshold_score"] <= 1
     schema = client.get("/v1/openapi.json").json()
