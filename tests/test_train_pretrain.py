@@ -167,6 +167,7 @@ def _write_fmnist_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> 
         Image.fromarray(im, mode="L").save(d / f"{i:04d}.png")
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_counted(tmp_path, fmnist_test, caplog):
     images, labels = fmnist_test
     root = tmp_path / "folder"
