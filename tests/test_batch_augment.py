@@ -334,6 +334,7 @@ def test_augment_device_setting(tmp_path):
         load_config(CONFIG, [f"output_dir={tmp_path}", "data.augment.device=tpu"])
 
 
+@pytest.mark.slow
 def test_pretraining_runs_with_the_batched_augmentation(tmp_path):
     import json
 

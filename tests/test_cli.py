@@ -117,6 +117,7 @@ def test_quickstart(weights, capsys, fmnist_test):
     assert not in_gallery & queried
 
 
+@pytest.mark.slow
 def test_quickstart_default_model_is_well_above_chance(capsys):
     assert main(["quickstart", "--per-class", "10", "--eval", "100"]) == 0
     out = capsys.readouterr().out

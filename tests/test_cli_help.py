@@ -40,6 +40,7 @@ def test_version_exits_0_with_the_version(capsys):
     assert capsys.readouterr().out.strip() == f"smi-hub {smi_hub.__version__}"
 
 
+@pytest.mark.slow
 def test_version_of_the_installed_command():
     out = subprocess.run(
         [sys.executable, "-m", "smi_hub.cli", "--version"], capture_output=True, text=True

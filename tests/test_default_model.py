@@ -79,6 +79,7 @@ def _knn_accuracy(model, train_idx, test_idx, images, labels, test_images, test_
     return 100.0 * float(np.mean(np.asarray(votes) == test_labels[test_idx]))
 
 
+@pytest.mark.slow
 def test_default_features_beat_a_random_backbone(entry):
     """k-NN on a held-out slice of the test split: random or collapsed weights would fail."""
     torch.manual_seed(0)

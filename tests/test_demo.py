@@ -264,6 +264,7 @@ def test_main_and_cli_start_the_app(env, monkeypatch):
     assert app.build_parser().parse_args([]).host == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_api_through_gradio_client(env):
     from gradio_client import Client, handle_file
 

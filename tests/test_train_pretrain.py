@@ -46,6 +46,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_tiny_pretraining_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(
@@ -125,6 +126,7 @@ def test_pretraining_learns_compared_with_a_no_update_control(tmp_path, monkeypa
     assert sum(learn[4:]) / 4 < sum(control[4:]) / 4 - 0.05 * abs(sum(control[4:]) / 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["barlow_twins", "vicreg"])
 def test_baselines_train_with_the_same_pipeline(tmp_path, loss):
     out = tmp_path / loss
@@ -134,6 +136,7 @@ def test_baselines_train_with_the_same_pipeline(tmp_path, loss):
     assert load_checkpoint(out)["config"]["loss"]["name"] == loss
 
 
+@pytest.mark.slow
 def test_resume_in_process_matches_uninterrupted(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     extra = ("train.epochs=2", "checkpoint.every_steps=3", "checkpoint.keep_last=10")
@@ -164,6 +167,7 @@ def _write_fmnist_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> 
         Image.fromarray(im, mode="L").save(d / f"{i:04d}.png")
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_counted(tmp_path, fmnist_test, caplog):
     images, labels = fmnist_test
     root = tmp_path / "folder"
