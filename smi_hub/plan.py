@@ -26,6 +26,10 @@ def seconds_per_image(
     not used."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(TIMED_BATCH, 3, image_size, image_size, generator=g).to(device)
+    if _is_channels_last(model):
+        # the layout training feeds; a channels-last model given an NCHW batch crashed
+        # oneDNN's 1x1 convolution backward on the CPU (bus error, or a hang, at width 4)
+        x = x.contiguous(memory_format=torch.channels_last)
     net = copy.deepcopy(model).train(train) if train else model
     was_training = model.training
 
@@ -47,6 +51,14 @@ def seconds_per_image(
         return (time.perf_counter() - t0) / TIMED_BATCH
     finally:
         model.train(was_training)
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's first 4-D weight is stored channels-last."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
 
 
 def duration(seconds: float) -> str:

@@ -11,7 +11,7 @@ import torch
 import smi_hub
 from smi_hub import SMIModel
 from smi_hub.cli import main as cli_main
-from smi_hub.plan import duration, seconds_per_image
+from smi_hub.plan import _is_channels_last, duration, seconds_per_image
 from training import pretrain
 from training.config import load_config
 
@@ -33,6 +33,16 @@ def test_timing_a_batch_changes_nothing_in_the_model_or_the_rng():
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics too
     assert all(p.grad is None for p in model.parameters()) and model.training
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_the_timed_batch_takes_the_models_memory_layout():
+    # training feeds a channels-last model a channels-last batch; an NCHW batch given to one
+    # made oneDNN's 1x1 convolution backward hang or crash at this width on this CPU
+    model = tiny()
+    assert not _is_channels_last(model)
+    model = model.to(memory_format=torch.channels_last)
+    assert _is_channels_last(model)
+    assert seconds_per_image(model, 28, "cpu", train=True) > 0
 
 
 @pytest.mark.parametrize(
