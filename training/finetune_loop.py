@@ -21,7 +21,7 @@ import smi_hub
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from smi_hub.outputs import Claim, resolve_output
-from smi_hub.plan import TIMED_BATCH, print_plan, seconds_per_image
+from smi_hub.plan import TIMED_BATCH, TRAIN_FACTOR, print_plan, seconds_per_image
 from training import distributed as D
 from training.checkpoint import (
     CheckpointError,
@@ -288,7 +288,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str, claim: Claim | None) -> dict[
             f"{total_steps:,} steps of {batch} ({total_steps - step:,} to go) on {ws} x "
             f"{device} -> {cfg.out}",
             per_image * (batch // ws) * (total_steps - step),
-            f"model compute of 1 timed batch of {TIMED_BATCH}; data loading and evaluation "
+            f"{TRAIN_FACTOR:g} x the forward of 1 timed batch of {TIMED_BATCH}; data loading and evaluation "
             "not included",
         )
     net: nn.Module = model

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from smi_hub.cli_format import ArgumentParser
 from smi_hub.models import SMIModel
 from smi_hub.outputs import OutputFolderError, claim_output_dir, resolve_output
-from smi_hub.plan import TIMED_BATCH, print_plan, seconds_per_image
+from smi_hub.plan import TIMED_BATCH, TRAIN_FACTOR, print_plan, seconds_per_image
 from training import distributed as D
 from training.batch_augment import BatchAugment, CropTwoViews, view_specs
 from training.checkpoint import (
@@ -304,7 +304,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
             f"{total_steps:,} steps of {cfg.train.batch_size} ({total_steps - step:,} to go) on "
             f"{ws} x {device} -> {out}",
             per_image * 2 * local_bs * (total_steps - step),
-            f"model compute of 1 timed batch of {TIMED_BATCH} x 2 views; data loading and the "
+            f"{TRAIN_FACTOR:g} x the forward of 1 timed batch of {TIMED_BATCH} x 2 views; data loading and the "
             "loss not included",
         )
     if ws > 1:
