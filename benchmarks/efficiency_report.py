@@ -69,7 +69,8 @@ def tables(results: dict[str, Any]) -> str:
     g = grouped(results["cells"])
     seeds = sorted({c["seed"] for c in results["cells"].values()})
     head = (
-        f"Budget per cell: 1 epoch over {p['images']} Fashion-MNIST training images; "
+        f"Budget per cell: {p.get('epochs', 1)} epoch(s) over {p['images']} Fashion-MNIST "
+        "training images; "
         f"evaluation on {p['eval_train']} train / {p['eval_test']} test images; seeds "
         f"{', '.join(map(str, seeds))}; device {p['device']}.\n"
     )

@@ -99,3 +99,31 @@ def test_bytes_per_step_of_the_loss_and_of_ddp_gradients(tmp_path):
         assert row["bytes_per_step"].get("loss", 0) == (2 * (4 * 32 * 4 + 8) if sync ==
                                                         "gathered" else 0)  # fmt: skip
         assert row["peak_rss_mb"] > 0 and row["step_ms"] > 0
+
+
+def test_shards_split_the_grid_and_share_one_results_file(tmp_path, monkeypatch):
+    ran: list[str] = []
+
+    def run_cell(cell, p, out):
+        ran.append(cell["id"])
+        return _fake_row(cell, p, out)
+
+    monkeypatch.setattr(study, "run_cell", run_cell)
+    study.main(["--out", str(tmp_path), *TINY, "--shard", "1/2"])
+    second = list(ran)
+    study.main(["--out", str(tmp_path), *TINY, "--shard", "0/2"])
+    first = ran[len(second) :]
+    expected = [c["id"] for c in study.plan(
+        {**study.PRESETS["cpu"], "batches": [32, 64], "widths": [64, 128], "batch_width": 64,
+         "sync_width": 64, "sync_batch": 32}, [0], study.TABLES["cpu"])]  # fmt: skip
+    assert first == expected[0::2] and second == expected[1::2]
+    assert set(json.loads((tmp_path / "results.json").read_text())["cells"]) == set(expected)
+    study.main(["--out", str(tmp_path), *TINY, "--seeds", "1", "--match", "smi-b256-*"])
+    assert sorted(ran[len(expected) :]) == ["smi-b256-w128-single-s1", "smi-b256-w64-single-s1"]
+
+
+@pytest.mark.parametrize("bad", ["2/2", "-1/2", "1", "a/b"])
+def test_a_bad_shard_is_refused_at_parse_time(bad, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--out", "unused", "--shard", bad])
+    assert "--shard" in capsys.readouterr().err
