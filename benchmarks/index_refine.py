@@ -44,6 +44,7 @@ def rss_mb() -> float:
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()  # a shared machine: the load beside the timings
     if args.store:
         store = FeatureStore.open(args.store)
         allv = store.to_tensor().reshape(len(store), -1).float()
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         "peak_rss_mb_before_load": before,
         "peak_rss_mb_after_searches": rss_mb(),
         "threads": torch.get_num_threads(),
+        "load_average_1_5_15_min": {"start": load_start, "end": os.getloadavg()},
         "machine": platform.platform(),
         "torch": torch.__version__,
         "rows": rows,

@@ -75,6 +75,7 @@ def test_index_refine_runs_on_synthetic_vectors_and_on_a_store(tmp_path) -> None
         + ["--out", str(out)]
     )
     assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert set(result["load_average_1_5_15_min"]) == {"start", "end"}
     assert "vectors.npy" in result["files_bytes"] and result["factory"].endswith("x4fs")
     for nprobe in {r["nprobe"] for r in result["rows"]}:
         off, on = (r for r in result["rows"] if r["nprobe"] == nprobe)
