@@ -146,6 +146,7 @@ def test_crop_boxes_match_torchvision_random_resized_crop(size):
     assert never == tuple(RandomResizedCrop.get_params(img, [1.0, 1.0], [3 / 4, 4 / 3]))
 
 
+@pytest.mark.slow
 def test_crop_resize_is_close_to_pil_bicubic():
     """The workers resize crops as uint8 tensors (torchvision's antialiased bicubic); the
     reference resizes PIL images. Measured on 20 crops: at most 0.036 grey levels apart on
@@ -192,6 +193,7 @@ def test_jitter_ops_equal_torchvision_per_sample(ours, ref, lo, hi):
     torch.testing.assert_close(ours(x.clone(), f), expected, rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PHOTOS)
 def test_blur_equals_pil_gaussian_blur_on_real_photos(name):
     """Within 3 grey levels anywhere and 0.6 on average of ``ImageFilter.GaussianBlur(sigma)``
@@ -207,6 +209,7 @@ def test_blur_equals_pil_gaussian_blur_on_real_photos(name):
         assert diff.max() <= 3 and diff.mean() <= 0.6, (sigma, diff.max(), diff.mean())
 
 
+@pytest.mark.slow
 def test_blur_uses_each_samples_sigma():
     x = photo_batch()
     sigma = torch.tensor([0.1, 2.0, 0.7, 1.3])
@@ -243,6 +246,7 @@ def params_for(x: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
     return {"image": (x * 255).round().to(torch.uint8), "params": params}
 
 
+@pytest.mark.slow
 def test_batch_augment_equals_the_per_image_chain_in_each_samples_order():
     """Whole chain on a batch = torchvision's per-image ops in the sample's drawn order,
     then grayscale, blur, solarize, normalize."""
@@ -287,6 +291,7 @@ def _photo_folder(root: Path, n: int) -> None:
         Image.fromarray(src[t : t + 60, left : left + 80]).save(d / f"{i:03d}.jpg", quality=90)
 
 
+@pytest.mark.slow
 def test_batched_views_are_a_function_of_seed_epoch_and_index(tmp_path):
     """Same views whatever the number of workers, the batch composition, or a fresh dataset
     (a resume) in between; another epoch gives other views."""

@@ -38,6 +38,7 @@ def _fake_row(cell: dict, p: dict, out: Path) -> dict:
             "bytes_per_step": by, "cell_s": 0.1}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_grid_resumes_after_an_interruption_and_runs_each_cell_once(tmp_path, monkeypatch):
     ran: list[str] = []
 

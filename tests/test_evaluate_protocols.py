@@ -53,6 +53,7 @@ def test_reference_linear_protocol_on_the_embedded_default(tmp_path, capsys, rec
         assert m["top1"] > 40
 
 
+@pytest.mark.slow
 def test_reference_linear_keeps_the_backbone_frozen_in_eval_mode():
     torch.manual_seed(0)
     model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[],

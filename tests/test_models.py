@@ -226,6 +226,7 @@ def test_from_pretrained_uncached_repo_with_local_files_only(tmp_path):
         SMIModel.from_pretrained("not a repo id!", local_files_only=True)
 
 
+@pytest.mark.slow
 def test_from_pretrained_offline_with_empty_cache(tmp_path):
     """HF_HUB_OFFLINE=1 is read when huggingface_hub is imported: use a fresh interpreter."""
     script = """

@@ -153,6 +153,7 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_flag(tmp_path):
     out = tmp_path / "run"
     pretrain.train(tiny_config(out, "train.max_steps=1"))
