@@ -89,6 +89,8 @@ class _LazyModule:
         return self._module
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # collection probes every module global (__test__, _mock_name)
+            raise AttributeError(name)
         return getattr(self._get(), name)
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -18,12 +18,13 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from skimage import data as skdata
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import ColorJitter, GaussianBlur, RandomApply, RandomSolarize
 from torchvision.transforms.v2 import functional as TF
 
 from training import batch_augment as BA
 from training import pretrain
 from training.config import AugmentConfig, ConfigError, load_config
-from training.data import ImageFolderDataset, SafeTwoViewDataset
+from training.data import ImageFolderDataset, SafeTwoViewDataset, two_view_transform
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 CONFIG = Path(__file__).parents[1] / "training" / "configs" / "fmnist_resnet18_smi.yaml"
@@ -121,6 +122,20 @@ def test_view_specs_read_each_view_from_the_config():
     cfg = AugmentConfig(blur_prob=[0.7, 0.3], solarize_prob=[0.1, 0.4])
     a, b = BA.view_specs(cfg)
     assert (a.blur_prob, b.blur_prob, a.solarize_prob, b.solarize_prob) == (0.7, 0.3, 0.1, 0.4)
+
+
+def test_default_views_are_the_reference_pair_on_both_paths():
+    """The documented defaults, view by view (blur 1.0 / 0.1, solarize 0.0 / 0.2), on the
+    batched path and the per-image one; a cheap guard beside the slow frequency test above."""
+    a, b = BA.view_specs(AugmentConfig())
+    assert (a.blur_prob, b.blur_prob, a.solarize_prob, b.solarize_prob) == (1.0, 0.1, 0.0, 0.2)
+    pair = two_view_transform(28, [0.5] * 3, [0.5] * 3, AugmentConfig())
+    for view, blur, solarize in ((pair.view_a, 1.0, []), (pair.view_b, 0.1, [0.2])):
+        applied = {
+            type(op.transforms[0]): op.p for op in view.transforms if isinstance(op, RandomApply)
+        }
+        assert applied == {ColorJitter: 0.8, GaussianBlur: blur}
+        assert [op.p for op in view.transforms if isinstance(op, RandomSolarize)] == solarize
 
 
 @pytest.mark.slow

@@ -304,6 +304,7 @@ STORE_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "field,edit", [c[2:] for c in STORE_CASES], ids=[c[0] for c in STORE_CASES]
 )

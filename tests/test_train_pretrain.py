@@ -266,6 +266,7 @@ def test_grayscale_and_transparent_images_go_through_the_same_pipeline(tmp_path,
         assert torch.equal(views[name][1], views["gray"][1]), name
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     cfg = tiny_config(out, "train.epochs=3", "checkpoint.every_steps=2", "train.max_nonfinite=3")
