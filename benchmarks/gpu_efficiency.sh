@@ -11,29 +11,7 @@
 # stopped by the limit leaves every finished cell: carry OUT_DIR/results.json back and run the
 # same command again, it continues with the next cell. Data: as benchmarks/gpu_suite.sh.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-
-out_dir="${OUT:-runs/efficiency_gpu}"
-if [[ $# -gt 0 && "$1" != -* ]]; then
-  out_dir="$1"
-  shift
-fi
-mkdir -p "$out_dir"
-
-for dir in "${SMI_FASHION_MNIST_DIR:-}" data/fashion-mnist /usr/share/datasets/fashion-mnist; do
-  if [[ -n "$dir" && -f "$dir/train-images-idx3-ubyte.gz" ]]; then
-    export SMI_FASHION_MNIST_DIR="$(cd "$dir" && pwd)"
-    break
-  fi
-done
-if [[ ! -f "${SMI_FASHION_MNIST_DIR:-}/train-images-idx3-ubyte.gz" ]]; then
-  echo "gpu_efficiency.sh: Fashion-MNIST not found; run 'make gpu-data' before sending the" \
-    "checkout, or set SMI_FASHION_MNIST_DIR" >&2
-  exit 2
-fi
-
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-python="${PYTHON:-python3}"
+default_out=runs/efficiency_gpu
+source "$(dirname "$0")/gpu_env.sh"
 timeout -k 10 580 "$python" benchmarks/efficiency_study.py --preset gpu --out "$out_dir" \
-  --runs-dir "$(mktemp -d)" "$@" 2>&1 | tee "$out_dir/efficiency.log"
+  --runs-dir "$(mktemp -d)" "${args[@]}" 2>&1 | tee "$out_dir/efficiency.log"

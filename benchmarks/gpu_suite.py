@@ -27,7 +27,8 @@ Steps, in this order (``--steps`` picks some):
 Not in the default run (the steps above fill a 10-minute command): ``input_pipeline``
 (``--steps input_pipeline``): ``benchmarks/input_pipeline.py`` on 20,000 JPEGs it makes: the
 per-core cost of today's worker pipeline against the batched one, then paper-scale pretraining
-steps fed from the files (batched augmentation on the GPU) against the same steps alone.
+steps fed from the files (batched augmentation on the GPU) against the same steps alone, then
+``smi-hub extract`` of 10,000 of the files with ``--decode cpu`` against ``--decode device``.
 
 Each step has a time budget: a step checks it between measurements and stops with what it has
 measured (status ``timed_out``); a step still running at budget + grace is interrupted
@@ -138,11 +139,14 @@ EXTRACT = {
 }
 INPUT = {
     "full": {"images": 20_000, "per_core_images": 200, "repeats": 2, "batch_size": 256,
-             "steps": 40, "model": input_bench.PAPER_MODEL},
+             "steps": 40, "model": input_bench.PAPER_MODEL, "extract_images": 10_000,
+             "extract_model": input_bench.EXTRACT_MODEL},
     "quick": {"images": 32, "per_core_images": 8, "repeats": 1, "batch_size": 8, "steps": 2,
               "model": {"arch": "resnet18", "base_width": 8, "small_stem": True,
                         "image_size": 32, "projector": [64, 64, 64], "precision": "bf16",
-                        "channels_last": False}},
+                        "channels_last": False},
+              "extract_images": 16,
+              "extract_model": {"arch": "resnet18", "base_width": 8, "image_size": 64}},
 }  # fmt: skip
 FMNIST_CONFIG = "training/configs/fmnist_resnet18_smi.yaml"
 FMNIST_TRAIN_IMAGES = 60_000
@@ -862,6 +866,10 @@ def step_input_pipeline(step: Step) -> None:
         "end_to_end": "DataLoader workers decode + crop (CropTwoViews), BatchAugment on the "
         "device, then the Runner's full step (benchmarks/train_step.py, SMI, LARS); step only: "
         "the same Runner on one prepared batch; eager",
+        "extract": "smi-hub extract (extract_features) of the first extract_images files, "
+        "--decode cpu (workers decode) against --decode device (workers read bytes, nvjpeg "
+        "decodes on the GPU), same model, batch and workers; pixel and feature differences "
+        "of the two paths on 256 files",
     }
     folder = Path(step.args.work_dir) / "jpegs"
     t0 = time.perf_counter()
@@ -879,6 +887,17 @@ def step_input_pipeline(step: Step) -> None:
         cfg["batch_size"],
         workers,
         cfg["steps"],
+        deadline=time.perf_counter() + step.left() - 5,
+    )
+    step.save()
+    step.check()
+    res["extract"] = input_bench.measure_extract(
+        folder,
+        step.device,
+        workers,
+        cfg["batch_size"],
+        cfg["extract_images"],
+        cfg["extract_model"],
         deadline=time.perf_counter() + step.left() - 5,
     )
     step.save()

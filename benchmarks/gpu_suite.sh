@@ -12,31 +12,9 @@
 # The step budgets sum to 515 s; `timeout` stops everything at 590 s whatever happens
 # (SMI_GPU_SUITE_TIMEOUT=SECONDS changes that, e.g. for the CPU dry run of the tests).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 command="bash benchmarks/gpu_suite.sh $*"
-
-out_dir="${OUT:-runs/gpu_suite}"
-if [[ $# -gt 0 && "$1" != -* ]]; then
-  out_dir="$1"
-  shift
-fi
-mkdir -p "$out_dir"
-
-for dir in "${SMI_FASHION_MNIST_DIR:-}" data/fashion-mnist /usr/share/datasets/fashion-mnist; do
-  if [[ -n "$dir" && -f "$dir/train-images-idx3-ubyte.gz" ]]; then
-    export SMI_FASHION_MNIST_DIR="$(cd "$dir" && pwd)"
-    break
-  fi
-done
-if [[ ! -f "${SMI_FASHION_MNIST_DIR:-}/train-images-idx3-ubyte.gz" ]]; then
-  echo "gpu_suite.sh: Fashion-MNIST not found; run 'make gpu-data' before sending the" \
-    "checkout, or set SMI_FASHION_MNIST_DIR" >&2
-  exit 2
-fi
-
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+default_out=runs/gpu_suite
+source "$(dirname "$0")/gpu_env.sh"
 export SMI_GPU_SUITE_COMMAND="$command"
-python="${PYTHON:-python3}"
 timeout -k 10 "${SMI_GPU_SUITE_TIMEOUT:-590}" "$python" benchmarks/gpu_suite.py --out "$out_dir/results.json" \
-  --artifacts "$out_dir" "$@" 2>&1 | tee "$out_dir/suite.log"
+  --artifacts "$out_dir" "${args[@]}" 2>&1 | tee "$out_dir/suite.log"

@@ -1,6 +1,8 @@
 """Input-pipeline cost of the ImageNet SMI recipe: what each DataLoader worker pays per image
 (per core), today's all-on-CPU pipeline against the batched (GPU) one, and on a GPU the
-pretraining rate fed from JPEG files against the step alone.
+pretraining rate fed from JPEG files against the step alone; the same for ``smi-hub extract``:
+its per-file work with ``--decode cpu`` and ``--decode device`` (per core), and on a GPU its
+images/s with either.
 
     python benchmarks/input_pipeline.py --images 200 --out benchmarks/results/input_pipeline_cpu.json
     python benchmarks/input_pipeline.py --device cuda --images 20000 --out r.json   # GPU machine
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import smi_hub  # noqa: E402
 from smi_hub.features import _Files  # noqa: E402  (what `smi-hub extract` runs per file)
 from smi_hub.images import load_image  # noqa: E402
+from smi_hub.jpeg_decode import collate_encoded, device_decoder  # noqa: E402
 from training import pretrain  # noqa: E402
 from training.batch_augment import BatchAugment  # noqa: E402
 from training.config import load_config  # noqa: E402
@@ -136,6 +139,15 @@ def per_core_variants(folder: Path, n: int) -> dict[str, Callable[[int], Any]]:
     )
     extract_files = _Files([f for f, _ in files], eval_tf)
     bare_tf = type(eval_tf)(eval_tf.transforms[1:])  # the same resize, crop, normalize
+    decoder = device_decoder([f for f, _ in files], eval_tf, torch.device("cpu"), "device")
+    encoded = [  # the device-decode workers' output, made once here (not timed below)
+        collate_encoded([decoder.files[k] for k in range(s, min(n, s + group))])
+        for s in range(0, n, group)
+    ]
+
+    def decode_on_cpu(i: int) -> None:
+        if i % group == 0:
+            decoder(encoded[i // group])
 
     def batched_cpu(i: int) -> None:
         if i % group == 0:
@@ -166,6 +178,10 @@ def per_core_variants(folder: Path, n: int) -> dict[str, Callable[[int], Any]]:
             Image.open(files[i][0]).convert("RGB")
         ),
         f"batched path, device part on this CPU (BatchAugment, batches of {group}, both views)": batched_cpu,
+        "extract --decode device, worker part: header checks + read the bytes (EncodedFiles)": (
+            lambda i: decoder.files[i]
+        ),
+        f"extract --decode device, device part on this CPU (decode_jpeg + resize, crop, normalize, batches of {group})": decode_on_cpu,
     }
 
 
@@ -280,6 +296,80 @@ def measure_end_to_end(
     }
 
 
+EXTRACT_MODEL = {"arch": "resnet50", "base_width": 64, "image_size": 224}
+
+
+def measure_extract(
+    folder: Path,
+    device: torch.device,
+    workers: int,
+    batch_size: int,
+    images: int,
+    model_args: dict[str, Any] = EXTRACT_MODEL,
+    deadline: float = float("inf"),
+) -> dict[str, Any]:
+    """``smi-hub extract`` from the JPEG folder on ``device``, ``--decode cpu`` against
+    ``--decode device`` (same files, model, batch, workers; bf16 and channels_last on CUDA):
+    images/s end to end (DataLoader start included, after a warm-up run of each), and how far
+    device decoding's preprocessed pixels and fp32 features are from the CPU path's on the
+    first 256 files (nvjpeg is not libjpeg-turbo: this is the tolerance on that device)."""
+    files = [f for f, _ in ImageFolderDataset(folder).samples][:images]
+    torch.manual_seed(0)
+    model = smi_hub.SMIModel(projector_dims=[], **model_args).eval().to(device)
+    cuda = device.type == "cuda"
+    kw = {
+        "batch_size": batch_size, "num_workers": workers, "device": device, "progress": False,
+        "channels_last": cuda, "amp_dtype": torch.bfloat16 if cuda else None,
+    }  # fmt: skip
+    out: dict[str, Any] = {
+        "images": len(files),
+        "workers": workers,
+        "batch_size": batch_size,
+        "model": {
+            **model_args,
+            "weights": "random init",
+            **{k: str(kw[k]) for k in ("channels_last", "amp_dtype")},
+        },
+    }
+    for mode in ("cpu", "device"):
+        if time.perf_counter() > deadline:
+            out["stopped"] = f"deadline before --decode {mode}"
+            break
+        smi_hub.extract_features(model, files[: 2 * batch_size], decode=mode, **kw)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        res = smi_hub.extract_features(model, files, decode=mode, **kw)
+        _sync(device)
+        rate = len(files) / (time.perf_counter() - t0)
+        out[f"images_per_s_decode_{mode}"] = round(rate, 1)
+        out[f"images_per_s_per_worker_decode_{mode}"] = round(rate / max(workers, 1), 1)
+        out[f"rows_decode_{mode}"], out[f"failed_decode_{mode}"] = len(res), len(res.failed)
+    if "images_per_s_decode_device" in out:
+        out["device_over_cpu"] = round(
+            out["images_per_s_decode_device"] / out["images_per_s_decode_cpu"], 3
+        )
+    tfm = smi_hub.get_transforms(model)
+    sample = files[:256]
+    decoder = device_decoder(sample, tfm, device, "device")
+    x, idx, _, _ = decoder(collate_encoded([decoder.files[i] for i in range(len(sample))]))
+    cpu_files = _Files(sample, tfm)
+    ref = torch.stack([cpu_files[i][0] for i in idx]).to(device)
+    std = torch.tensor(tfm.transforms[-1].std, device=device).view(1, 3, 1, 1)
+    levels = ((x - ref) * std * 255).abs()
+    with torch.inference_mode():
+        fa, fb = model.embed(x.float()), model.embed(ref)
+    out["pixels_vs_cpu_path"] = {
+        "images": len(idx),
+        "mean_grey_levels": round(levels.mean().item(), 4),
+        "max_grey_levels": round(levels.max().item(), 2),
+        "fraction_over_2_levels": round((levels > 2).float().mean().item(), 6),
+        "max_feature_relative_error_fp32": round(
+            ((fa - fb).norm(dim=1) / fb.norm(dim=1)).max().item(), 6
+        ),
+    }
+    return out
+
+
 def _train_step_module():
     import importlib.util
 
@@ -355,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
                 folder, device, PAPER_MODEL, args.batch_size, args.workers, args.steps
             )
             print(json.dumps(result["end_to_end"], indent=1), flush=True)
+            result["extract"] = measure_extract(
+                folder, device, args.workers, args.batch_size, min(args.images, 10_000)
+            )
+            print(json.dumps(result["extract"], indent=1), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split of a DatasetDict input (e.g. train)")
     p.add_argument("--npy", action="store_true", help="also write features.npy into the store")
     p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "cpu", "device"],
+        help="where JPEG files are decoded: device (workers read the bytes, the batch is "
+        "decoded and preprocessed on --device, nvjpeg on CUDA; other files on the CPU), cpu "
+        "(in the workers), auto (device on CUDA)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
         help="write into a folder holding other files (only smi-hub's own files are replaced)",

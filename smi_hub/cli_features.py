@@ -82,6 +82,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             npy=args.npy,
             overwrite=args.overwrite,
+            decode=args.decode,
         )
     if rank != 0:
         return 0

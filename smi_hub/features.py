@@ -21,6 +21,7 @@ from smi_hub.errors import ImageLoadError, NonFiniteError
 from smi_hub.feature_store import DEFAULT_SHARD_SIZE, StoreWriter
 from smi_hub.hub import load
 from smi_hub.images import IMAGE_EXTENSIONS, list_images, load_image, to_rgb
+from smi_hub.jpeg_decode import collate_encoded, device_decoder, extract_header
 from smi_hub.plan import TIMED_BATCH, print_plan, seconds_per_image
 from smi_hub.transforms import get_transforms
 
@@ -327,6 +328,7 @@ def _batches(
     batch_size: int,
     num_workers: int,
     pin_memory: bool,
+    collate: Callable = _collate,
 ) -> Iterator[tuple[int, Batch]]:
     """``(k, batch)`` for the inputs of every selected block ``k`` (inputs
     ``[k * block, (k + 1) * block)``), in order. Batches never cross a block boundary and start
@@ -348,7 +350,7 @@ def _batches(
             Subset(src.data, range(lo, hi)),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=collate,
             pin_memory=pin_memory,
         )
         for batch in loader:
@@ -431,6 +433,7 @@ def extract_features(
     npy: bool = False,
     on_error: str = "skip",
     overwrite: bool = False,
+    decode: str = "auto",
 ) -> Any:
     """Features of many images with an ``SMIModel`` (or a name for :func:`smi_hub.load`).
 
@@ -463,6 +466,10 @@ def extract_features(
         overwrite: with ``out``, write into a folder holding other files (only the store's
             own files are replaced; see ``smi_hub.outputs``); otherwise such a folder is
             refused.
+        decode: where image files are decoded: ``"cpu"`` (in the DataLoader workers, with
+            ``load_image``), ``"device"`` (workers read JPEG bytes; decoded and preprocessed on
+            ``device``, nvjpeg on CUDA; other files on the CPU; see ``smi_hub.jpeg_decode``) or
+            ``"auto"`` (default: ``device`` on CUDA for files with the default transform).
 
     Returns a :class:`FeatureResult` (``out=None``) or the :class:`~smi_hub.FeatureStore`.
     Unreadable files are skipped, listed in ``failed`` and reported with a warning.
@@ -491,6 +498,10 @@ def extract_features(
     model.eval()
     tfm = transform or get_transforms(model)
     src = _source(images_or_dataset, tfm)
+    files = src.data.paths if isinstance(src.data, _Files) else None
+    decoder = device_decoder(files, tfm, device, decode)
+    if decoder is not None:
+        src.data = decoder.files
 
     writer = None
     block = 1 << 62
@@ -503,6 +514,7 @@ def extract_features(
             "preprocessing": repr(tfm) if src.kind != "tensor" else "none (tensor input)",
             "amp_dtype": str(amp_dtype) if amp_dtype is not None else None,
             "channels_last": channels_last,
+            **extract_header(decoder),
         }
         fingerprint = _sha256_text(
             json.dumps(
@@ -575,8 +587,11 @@ def extract_features(
     try:
         with torch.inference_mode(), autocast:
             batches = _batches(
-                src, block, select, batch_size, num_workers, pin_memory=device.type == "cuda"
-            )
+                src, block, select, batch_size, num_workers, device.type == "cuda",
+                collate_encoded if decoder is not None else _collate,
+            )  # fmt: skip
+            if decoder is not None:
+                batches = ((k, decoder(b)) for k, b in batches)
             for k, (x, idx, lab, bad) in tqdm(
                 batches, total=total, desc=f"features ({layer})", unit="batch", disable=not show
             ):

@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,36 @@ class Kind:
 
 
 _TMP = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def _json_with(key: str) -> Callable[[Path], bool]:
+    def check(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and key in data
+
+    return check
+
+
+_CHECKPOINT = re.compile(r"(checkpoint_\d{8,}\.pt|last\.pt)(\.sha256)?|\..+\.tmp")
+# run files that a user may also have: without the folder's signature, they count as a killed
+# run's only when they hold what the run writes (a user's labels.json or checkpoints/ do not)
+_RUN_FILE_CONTENT: dict[str, Callable[[Path], bool]] = {
+    "labels.json": _json_with("label_fraction"),
+    "metrics.json": _json_with("protocol"),
+    "checkpoints": lambda p: p.is_dir() and all(_CHECKPOINT.fullmatch(c.name) for c in p.iterdir()),
+}
+
+
+def _is_run_file(path: Path, kind: Kind) -> bool:
+    """Whether ``path`` is one of ``kind``'s run files, by name and, where a user's file could
+    share the name, by content."""
+    if not any(re.fullmatch(p, path.name) for p in kind.kept):
+        return False
+    check = _RUN_FILE_CONTENT.get(path.name)
+    return check is None or check(path)
 
 
 KINDS = {
@@ -162,7 +192,7 @@ def folder_mode(folder: Path, kind: str, overwrite: bool, flag: str = "-o") -> s
     if not names:
         return "empty"
     foreign = [n for n in names if not spec.owns(n)]
-    run_files_only = all(any(re.fullmatch(p, n) for p in spec.kept) for n in names)
+    run_files_only = all(_is_run_file(folder / n, spec) for n in names)
     if not foreign and (_is_signed(folder, spec) or run_files_only):
         return "own"  # a folder it wrote (or a run of it killed before its signature file)
     signed = _is_signed(folder, spec)

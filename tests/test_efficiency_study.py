@@ -128,3 +128,21 @@ def test_a_bad_shard_is_refused_at_parse_time(bad, capsys):
     with pytest.raises(SystemExit):
         study.main(["--out", "unused", "--shard", bad])
     assert "--shard" in capsys.readouterr().err
+
+
+def test_gpu_wrapper_passes_the_out_dir_and_options_through(tmp_path):
+    """benchmarks/gpu_efficiency.sh shares gpu_suite.sh's prelude (gpu_env.sh): OUT_DIR first,
+    the study's options after it, the log in OUT_DIR."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "eff"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_efficiency.sh"), str(out), "--help"],
+        env={**os.environ, "PYTHON": sys.executable}, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: efficiency_study.py" in proc.stdout
+    assert "--shard" in (out / "efficiency.log").read_text()

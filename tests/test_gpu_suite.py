@@ -259,4 +259,9 @@ def test_quick_input_pipeline_step(tmp_path):
     e2e = rec["result"]["end_to_end"]
     assert e2e["timed_steps"] == gs.INPUT["quick"]["steps"]
     assert e2e["images_per_s_end_to_end"] > 0 and e2e["images_per_s_step_only"] > 0
+    ex = rec["result"]["extract"]
+    n = gs.INPUT["quick"]["extract_images"]
+    assert ex["rows_decode_cpu"] == ex["rows_decode_device"] == n and ex["device_over_cpu"] > 0
+    assert ex["pixels_vs_cpu_path"]["max_grey_levels"] <= 1.001  # on the CPU: libjpeg-turbo
+    assert any(r["variant"].startswith("extract --decode device") for r in rows)
     assert "input_pipeline" not in gs.budgets(gs.build_parser().parse_args(["--out", "x"]))

@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "features and search",
         (
             "smi_hub.feature_store",
+            "smi_hub.jpeg_decode",
             "smi_hub.features",
             "smi_hub.index",
             "smi_hub.localization",

@@ -235,3 +235,34 @@ def test_tilde_is_expanded_where_it_is_checked_and_written(tmp_path, monkeypatch
         claim.release()
     assert (tmp_path / "home" / "x" / "index.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_a_users_file_named_like_a_run_file_is_not_taken_for_a_killed_run(tmp_path):
+    """Without its signature, a folder counts as a killed run of fine-tuning only when its run
+    files are fine-tuning's (labels.json with its fields, checkpoints/ with checkpoint files):
+    a user's own labels.json or checkpoints/ is refused, and never overwritten."""
+    user = {
+        "labels.json": lambda f: (f / "labels.json").write_text('{"0": "cat", "1": "dog"}'),
+        "metrics.json": lambda f: (f / "metrics.json").write_text('{"acc": 0.9}'),
+        "checkpoints": lambda f: (f / "checkpoints").mkdir() or (
+            f / "checkpoints" / "epoch=3.ckpt").write_bytes(b"lightning"),
+    }  # fmt: skip
+    for name, make in user.items():
+        folder = tmp_path / name / "out"
+        folder.mkdir(parents=True)
+        make(folder)
+        before = _tree(folder)
+        with pytest.raises(OutputFolderError, match="--overwrite"):
+            claim_output_dir(folder, "weights")
+        with pytest.raises(OutputFolderError, match="never overwritten"):
+            claim_output_dir(folder, "weights", overwrite=True)
+        assert _tree(folder) == before
+    killed = tmp_path / "killed" / "out"  # what a fine-tuning run killed mid-way leaves
+    (killed / "checkpoints").mkdir(parents=True)
+    (killed / "checkpoints" / "checkpoint_00000010.pt").write_bytes(b"state")
+    (killed / "checkpoints" / "checkpoint_00000010.pt.sha256").write_text("0" * 64)
+    (killed / "labels.json").write_text(json.dumps(
+        {"dataset": "fashion_mnist", "split": "train", "seed": 0, "label_fraction": 0.1}))  # fmt: skip
+    claim = claim_output_dir(killed, "weights")
+    assert claim.mode == "own"
+    claim.release()

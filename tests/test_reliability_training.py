@@ -324,6 +324,19 @@ def test_runtime_batch_per_process(tmp_path, monkeypatch, batch, processes):
         pretrain.train(cfg)
 
 
+def test_a_failed_run_releases_its_output_folder_at_once(tmp_path, monkeypatch):
+    """The folder's lock goes when ``train`` raises, not when the traceback is collected: a
+    notebook or a sweep that keeps the exception can start the next run in the same folder."""
+    from smi_hub.outputs import claim_output_dir
+
+    monkeypatch.setattr(pretrain.D, "world_size", lambda: 2)
+    cfg = _fresh(tmp_path, "train.batch_size=2", "device=cpu")
+    with pytest.raises(ConfigError) as failure:
+        pretrain.train(cfg)
+    assert failure.value.__traceback__ is not None  # the frames (and the claim) are alive
+    claim_output_dir(tmp_path / "run", "pretrain", flag="output_dir").release()
+
+
 # --- exit codes and messages of the command -----------------------------------------------
 
 

@@ -190,12 +190,24 @@ def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
     :func:`training.distributed.setup_distributed` first under torchrun (``main`` does)."""
     check_runtime(cfg)
     device = D.setup_distributed(cfg.device)
+    is_main = D.rank() == 0
+    # the output policy (smi_hub.outputs): new, empty or a training run folder; locked for
+    # as long as this function runs, released however it ends
+    claim = claim_output_dir(cfg.output_dir, "pretrain", flag="output_dir") if is_main else None
+    try:
+        out = claim.path if claim is not None else resolve_output(cfg.output_dir)
+        return _train_into(cfg, resume, device, out)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _train_into(
+    cfg: PretrainConfig, resume: str, device: torch.device, out: Path
+) -> dict[str, Any]:
+    """``train``'s body, writing into the claimed folder ``out``."""
     ws, rk = D.world_size(), D.rank()
     is_main = rk == 0
-    # the output policy (smi_hub.outputs): new, empty or a training run folder; locked for
-    # as long as this function runs (the claim is released when it is dropped)
-    claim = claim_output_dir(cfg.output_dir, "pretrain", flag="output_dir") if is_main else None
-    out = claim.path if claim is not None else resolve_output(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     if cfg.train.batch_size % ws or cfg.train.batch_size < 2 * ws:
         raise ConfigError(
