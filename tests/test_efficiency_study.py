@@ -130,6 +130,7 @@ def test_a_bad_shard_is_refused_at_parse_time(bad, capsys):
     assert "--shard" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_wrapper_passes_the_out_dir_and_options_through(tmp_path):
     """benchmarks/gpu_efficiency.sh shares gpu_suite.sh's prelude (gpu_env.sh): OUT_DIR first,
     the study's options after it, the log in OUT_DIR."""

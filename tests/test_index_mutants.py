@@ -403,6 +403,7 @@ def test_training_sample_size_grows_with_the_cells():
     assert torch.equal(got[990:], flat.search(q[990:], k=3).indices)
 
 
+@pytest.mark.slow
 def test_build_from_a_store_and_its_errors(db, tmp_path):
     writer = StoreWriter(tmp_path / "s", "synthetic", {"model": "m"}, 700)
     writer.prepare()

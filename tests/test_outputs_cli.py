@@ -91,6 +91,7 @@ def test_index_into_the_current_directory_is_refused(gallery, tmp_path, monkeypa
     assert _tree(tmp_path / "home") == before
 
 
+@pytest.mark.slow
 def test_a_feature_store_is_not_replaced_by_an_index(gallery, tmp_path, capsys):
     store = tmp_path / "feats"
     assert main(["extract", str(gallery), "-o", str(store)]) == 0

@@ -319,6 +319,7 @@ def test_tampered_manifest_is_refused_naming_the_field(store_template, tmp_path,
     assert field in str(e.value) and "xtract" in str(e.value)  # names the field and the fix
 
 
+@pytest.mark.slow
 def test_a_sound_store_has_a_manifest_checksum(store_template):
     m = json.loads((store_template / "manifest.json").read_text())
     assert m["format_version"] == 2 and m["manifest_sha256"] == manifest_checksum(m)
