@@ -91,6 +91,7 @@ def test_default_resize_comes_from_the_model_preprocessing(tmp_path):
     assert evaluate.build_parser().parse_args(["knn"]).resize_ratio is None
 
 
+@pytest.mark.slow
 def test_digits_source_is_a_fixed_stratified_split():
     train, test = eval_data.DigitsDataset("train"), eval_data.DigitsDataset("test")
     assert (len(train), len(test)) == (901, 896)

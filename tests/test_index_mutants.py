@@ -366,6 +366,7 @@ def test_build_hnsw_and_sample_sizes(db):
     assert default.nprobe != EmbeddingIndex.build(db, kind="ivf", target_recall=1.0).nprobe
 
 
+@pytest.mark.slow
 def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
     seen = {}
     train, exact = EmbeddingIndex.train, I._exact_topk

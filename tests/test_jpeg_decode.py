@@ -130,6 +130,7 @@ def test_extract_with_device_decode_equals_the_cpu_path(model, photo_dir, worker
     assert len(decoded) == len(dev.paths) - len(odd)  # every plain JPEG decoded as a batch
 
 
+@pytest.mark.slow
 def test_a_file_the_decoder_refuses_falls_back_to_the_cpu_path(model, photo_dir, monkeypatch):
     refused = str(photo_dir / "a01.jpg")
     bad_bytes = read_jpeg(refused)
