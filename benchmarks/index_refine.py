@@ -32,10 +32,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from index_scale import best_of, clustered_chunk, synthetic_store  # noqa: E402
+from index_scale import ground_truth, measure, synthetic_data  # noqa: E402
 
 from smi_hub import EmbeddingIndex, FeatureStore  # noqa: E402
-from smi_hub.index import _exact_topk, recall_at_k  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -45,28 +44,16 @@ def rss_mb() -> float:
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    normalize = torch.nn.functional.normalize
+    load_start = os.getloadavg()  # a shared machine: the load beside the timings
     if args.store:
         store = FeatureStore.open(args.store)
         allv = store.to_tensor().reshape(len(store), -1).float()
         vectors, queries = allv[: -args.queries], allv[-args.queries :]
         data = f"real store {args.store}: {len(vectors)} indexed x {store.dim}, last {args.queries} rows as queries"
-        truth_chunks = [normalize(vectors)]
+        truth = ground_truth(queries, [vectors])
     else:
-        vectors = synthetic_store(
-            work / f"synthetic_{args.vectors}_{args.dim}",
-            args.vectors,
-            args.dim,
-            args.clusters,
-            args.noise,
-            65536,
-        )
-        queries = clustered_chunk(-1, args.queries, args.dim, args.clusters, args.noise)
-        data = f"{args.vectors} x {args.dim} clustered synthetic vectors ({args.clusters} clusters)"
-        truth_chunks = (normalize(p) for p in vectors)
-    t0 = time.perf_counter()
-    _, truth = _exact_topk(normalize(queries), truth_chunks, 10)
-    print(f"{data}; ground truth in {time.perf_counter() - t0:.0f} s", flush=True)
+        vectors, queries, data = synthetic_data(args, work)
+        truth = ground_truth(queries, vectors)
     factors = [int(f) for f in args.factors.split(",")]
     t0 = time.perf_counter()
     built = EmbeddingIndex.build(
@@ -89,19 +76,14 @@ def run(args: argparse.Namespace) -> dict:
     for nprobe in nprobes:
         base_qps = None
         for f in factors:
-            index.search(queries[:8], 10, nprobe=nprobe, refine=f)  # warm-up
-            sec, found = best_of(
-                3, lambda n=nprobe, f=f: index.search(queries, 10, nprobe=n, refine=f)
+            row = {"nprobe": nprobe, "k_factor": f}
+            row |= measure(
+                lambda q, n=nprobe, f=f: index.search(q, 10, nprobe=n, refine=f).indices,
+                queries,
+                truth,
             )
-            qps = len(queries) / sec
-            base_qps = base_qps or qps
-            row = {
-                "nprobe": nprobe,
-                "k_factor": f,
-                "recall_at_10": round(recall_at_k(found.indices, truth), 4),
-                "queries_per_s": round(qps, 1),
-                "qps_vs_no_refine": round(qps / base_qps, 3),
-            }
+            base_qps = base_qps or row["queries_per_s"]
+            row["qps_vs_no_refine"] = round(row["queries_per_s"] / base_qps, 3)
             print(json.dumps(row), flush=True)
             rows.append(row)
     return {
@@ -116,6 +98,7 @@ def run(args: argparse.Namespace) -> dict:
         "peak_rss_mb_before_load": before,
         "peak_rss_mb_after_searches": rss_mb(),
         "threads": torch.get_num_threads(),
+        "load_average_1_5_15_min": {"start": load_start, "end": os.getloadavg()},
         "machine": platform.platform(),
         "torch": torch.__version__,
         "rows": rows,
@@ -143,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--noise", type=float, default=1.0)
+    p.add_argument("--shard-size", type=int, default=65536)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--kind", default="ivfpq")
     p.add_argument("--memory-budget", default="2GB")

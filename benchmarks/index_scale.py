@@ -66,20 +66,59 @@ def synthetic_store(folder: Path, n: int, dim: int, clusters: int, noise: float,
     writer.prepare()
     for k in range(-(-n // shard)):
         lo, hi = k * shard, min(n, (k + 1) * shard)
-        writer.write_shard(
-            k, clustered_chunk(k, hi - lo, dim, clusters, noise), list(range(lo, hi)), [], [], []
-        )
+        rows = list(range(lo, hi))  # row numbers as paths: a store lists one per row
+        writer.write_shard(k, clustered_chunk(k, hi - lo, dim, clusters, noise), rows, [], rows, [])
     return writer.finish(n)
 
 
-def best_of(repeats: int, fn):
-    """Best wall time of ``repeats`` calls, and the last result."""
+def synthetic_data(args: argparse.Namespace, work: Path):
+    """The clustered store of ``args`` (written once under ``work``), ``args.queries`` fresh
+    queries from the same clusters, and a one-line description."""
+    t0 = time.perf_counter()
+    store = synthetic_store(
+        work / f"synthetic_{args.vectors}_{args.dim}",
+        args.vectors,
+        args.dim,
+        args.clusters,
+        args.noise,
+        args.shard_size,
+    )
+    print(f"store {store} in {time.perf_counter() - t0:.0f} s", flush=True)
+    queries = clustered_chunk(-1, args.queries, args.dim, args.clusters, args.noise)
+    data = (
+        f"{args.vectors} x {args.dim} clustered synthetic vectors ({args.clusters} Gaussian "
+        f"clusters, noise {args.noise})"
+    )
+    return store, queries, data
+
+
+def ground_truth(queries: torch.Tensor, parts, k: int = 10) -> torch.Tensor:
+    """Exact float32 cosine top-``k`` rows of ``queries`` among the vectors of ``parts`` (an
+    iterable of N_i x D chunks: a store, read one shard at a time)."""
+    from smi_hub.index import _exact_topk
+
+    normalize = torch.nn.functional.normalize
+    t0 = time.perf_counter()
+    _, truth = _exact_topk(normalize(queries), (normalize(p) for p in parts), k)
+    print(f"ground truth in {time.perf_counter() - t0:.0f} s", flush=True)
+    return truth
+
+
+def measure(search, queries: torch.Tensor, truth: torch.Tensor, repeats: int = 3) -> dict:
+    """Queries/s (best of ``repeats`` batched calls of ``search(queries)``, after a warm-up on
+    8 queries) and recall@k of the rows it returns (Q x k) against ``truth``."""
+    from smi_hub.index import recall_at_k
+
+    search(queries[:8])
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        result = fn()
+        found = search(queries)
         best = min(best, time.perf_counter() - t0)
-    return best, result
+    return {
+        "queries_per_s": round(len(queries) / best, 1),
+        "recall_at_10": round(recall_at_k(found, truth), 4),
+    }
 
 
 # ---- one measurement per process ---------------------------------------------------------
@@ -90,7 +129,6 @@ def child(spec: dict) -> dict:
     import faiss
 
     from smi_hub import EmbeddingIndex, FeatureStore
-    from smi_hub.index import recall_at_k
 
     store = FeatureStore.open(spec["store"], verify=False)
     data = np.load(spec["queries"])
@@ -107,8 +145,7 @@ def child(spec: dict) -> dict:
             labels=list(range(len(store))),
         )
         build_s = time.perf_counter() - t0
-        index.search(queries[:8], k)  # warm-up
-        search_s, found = best_of(3, lambda: index.search(queries, k).indices)
+        measured = measure(lambda q: index.search(q, k).indices, queries, truth)
         report = index.metadata["build"]
         out = {
             "factory": report["factory"],
@@ -138,9 +175,9 @@ def child(spec: dict) -> dict:
         build_s = time.perf_counter() - t0
         for name, value in spec.get("knob", {}).items():
             faiss.ParameterSpace().set_index_parameter(index, name, value)
-        index.search(normalize(queries[:8]).numpy(), k)
-        q = normalize(queries).numpy()
-        search_s, found = best_of(3, lambda: torch.from_numpy(index.search(q, k)[1]))
+        measured = measure(
+            lambda q: torch.from_numpy(index.search(normalize(q).numpy(), k)[1]), queries, truth
+        )
         out = {"factory": spec["factory"], "knob": spec.get("knob", {})}
     return {
         **out,
@@ -148,8 +185,7 @@ def child(spec: dict) -> dict:
         "impl": spec["impl"],
         "build_s": round(build_s, 2),
         "peak_mb": peak_mb(),
-        "queries_per_s": round(len(queries) / search_s, 1),
-        "recall_at_10": round(recall_at_k(found, truth), 4),
+        **measured,
     }
 
 
@@ -169,7 +205,6 @@ def run_child(spec: dict) -> dict:
 
 def bench_index(args: argparse.Namespace) -> dict:
     from smi_hub import FeatureStore
-    from smi_hub.index import _exact_topk
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -187,21 +222,8 @@ def bench_index(args: argparse.Namespace) -> dict:
         queries = base + 0.05 * base.std() * torch.randn(base.shape, generator=g)
         data = f"real store {args.store} ({len(store)} x {store.dim})"
     else:
-        name = f"synthetic_{args.vectors}_{args.dim}"
-        t0 = time.perf_counter()
-        store = synthetic_store(
-            work / name, args.vectors, args.dim, args.clusters, args.noise, args.shard_size
-        )
-        print(f"store {store} in {time.perf_counter() - t0:.0f} s", flush=True)
-        queries = clustered_chunk(-1, args.queries, args.dim, args.clusters, args.noise)
-        data = (
-            f"{args.vectors} x {args.dim} clustered synthetic vectors ({args.clusters} Gaussian "
-            f"clusters, noise {args.noise})"
-        )
-    normalize = torch.nn.functional.normalize
-    t0 = time.perf_counter()
-    _, truth = _exact_topk(normalize(queries), (normalize(p) for p in store), 10)
-    print(f"ground truth in {time.perf_counter() - t0:.0f} s", flush=True)
+        store, queries, data = synthetic_data(args, work)
+    truth = ground_truth(queries, store)
     qfile = work / "queries.npz"
     np.savez(qfile, queries=queries.numpy(), truth=truth.numpy())
     common = {"store": str(store.folder), "queries": str(qfile), "budget": args.memory_budget}

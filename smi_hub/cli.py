@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_refine,
         default="auto",
         help="re-rank k x N candidates exactly on the float vectors, memory-mapped from the "
-        "index folder (0: off; auto: N=8 when auto picks lossy codes and they fit --disk-budget)",
+        "index folder (0: off; auto: N=8 when auto picks lossy codes and they fit --disk-budget)."
+        " Only compressed codes (ivfsq, ivfpq) are re-ranked: refused with --kind flat, ivf or "
+        "hnsw (exact scores already); dropped with a warning when --kind auto picks one of them",
     )
     p.add_argument(
         "--disk-budget", type=memory_size, default="64GB", help="disk for the float vectors"

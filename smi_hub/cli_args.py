@@ -92,6 +92,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"an {attr.upper()} argument is empty; give image paths.")
     if getattr(args, "device", None) is not None:
         check_device(args.device)
+    if getattr(args, "command", None) == "index":
+        from smi_hub.refine import refine_conflict
+
+        conflict = refine_conflict(args.kind, args.refine)
+        if conflict:
+            raise UsageError(
+                f"--refine {args.refine} with --kind {args.kind}: {conflict}. Drop --refine (or "
+                "--refine 0), or re-rank compressed codes: --kind ivfpq or ivfsq."
+            )
     for attr, flag in (("out", "-o/--out"), ("out_dir", "OUT_DIR")):
         if getattr(args, attr, None) is not None:
             kind = OUTPUT_KINDS.get(args.command)

@@ -49,9 +49,11 @@ from smi_hub.outputs import claim_output_dir, commit_folder
 from smi_hub.plan import print_plan
 from smi_hub.refine import (
     DEFAULT_DISK_BUDGET,
+    FLOAT_KINDS,
     VECTORS_NAME,
     RefineVectors,
     check_refine,
+    refine_conflict,
     resolve_refine,
     tune_k_factor,
 )
@@ -68,19 +70,22 @@ PQ_MIN_TRAIN = 39 * 16  # ivfpq: faiss' 39 points for each of a 4-bit codebook's
 PROGRESS_MIN = 50_000  # build(progress=None): a progress bar from this many vectors on
 
 
-def _warn_unused_knobs(kind: str, nprobe: int | None, ef_search: int | None) -> None:
+def _warn_unused_knobs(
+    kind: str, nprobe: int | None, ef_search: int | None, refine: Any = None
+) -> None:
     """One warning for a search knob the index ``kind`` does not have (it would be ignored)."""
     unused = [
         name
         for name, value, kinds in (("nprobe", nprobe, ("ivf", "ivfsq", "ivfpq")),
-                                   ("ef_search", ef_search, ("hnsw",)))
+                                   ("ef_search", ef_search, ("hnsw",)),
+                                   ("refine", refine or None, ("ivfsq", "ivfpq")))
         if value is not None and kind not in kinds
     ]  # fmt: skip
     if unused:
         what = "exact search" if kind == "flat" else "no such knob"
         warnings.warn(
             f"{' and '.join(unused)} ignored: a {kind} index has {what} (nprobe is for IVF "
-            "kinds, ef_search for hnsw).",
+            "kinds, ef_search for hnsw, refine for compressed codes: ivfsq, ivfpq).",
             stacklevel=3,
         )
 
@@ -267,12 +272,13 @@ class EmbeddingIndex:
         self.nprobe = _knob(nprobe, "nprobe")
         self.ef_search = _knob(ef_search, "ef_search")
         self.refine = check_refine(refine)
-        if kind == "flat" and self.refine not in (0, "auto"):
+        conflict = refine_conflict(kind, self.refine)
+        if conflict:
             raise ValueError(
-                "refine re-ranks an approximate index's candidates; kind='flat' is "
-                "exact already: drop refine or pick an approximate kind."
+                f"refine={refine}: {conflict}. Drop refine (or pass 0), or re-rank compressed "
+                "codes: kind='ivfpq' or 'ivfsq'."
             )
-        self.refine = 0 if kind == "flat" else self.refine
+        self.refine = 0 if kind in FLOAT_KINDS else self.refine
         self.disk_budget = parse_bytes(disk_budget)
         self._vectors: RefineVectors | None = None
         self._faiss: Any = None
@@ -623,7 +629,10 @@ class EmbeddingIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"This index holds {self.dim}-d vectors, queries are {q.shape[1]}-d.")
         k = max(1, min(int(k), len(self)))
-        _warn_unused_knobs(self.kind, nprobe, ef_search)
+        refine = None if refine is None else check_refine(refine)
+        _warn_unused_knobs(self.kind, nprobe, ef_search, refine)
+        if self.kind in FLOAT_KINDS:
+            refine = 0
         if self.kind == "flat" and self.backend == "torch":
             assert self.embeddings is not None
             step = max(1, min(1024, (1 << 26) // len(self)))  # score blocks of <= 256 MB
@@ -636,7 +645,7 @@ class EmbeddingIndex:
                 self._set_knob("nprobe", nprobe or self.nprobe)
             if self.kind == "hnsw" and (ef_search or self.ef_search):
                 self._set_knob("efSearch", max(k, ef_search or self.ef_search))
-            factor = self.refine if refine is None else check_refine(refine)
+            factor = self.refine if refine is None else refine
             if factor == "auto":
                 raise ValueError("search(refine=...) takes a k factor (0: off), not 'auto'.")
             if factor and self._vectors is None:
@@ -733,7 +742,9 @@ class EmbeddingIndex:
             kind=kind,
             nprobe=info.get("nprobe"),
             ef_search=info.get("ef_search"),
-            refine=info.get("refine", 0),
+            # an ivf / hnsw folder built with refine before it was refused for them: the
+            # re-ranking changed nothing there, so its vectors.npy is not read
+            refine=0 if kind in FLOAT_KINDS else info.get("refine", 0),
         )
         index.factory = info["factory"]
         index.labels = list(info["labels"])

@@ -12,12 +12,18 @@ picked stores lossy codes (``ivfpq``, or ``ivfsq`` with 8-bit codes: the float v
 not fit the memory budget) and the float vectors (``4 * n * dim`` bytes) fit ``disk_budget``;
 the k factor starts at :data:`DEFAULT_K_FACTOR` and :meth:`EmbeddingIndex.build` doubles it
 (after tuning ``nprobe``) while recall@10 is below its target and still rising.
+
+Kinds that keep the float vectors (:data:`FLOAT_KINDS`: ``flat``, ``ivf``, ``hnsw``) score
+their candidates exactly already, so re-ranking them changes nothing: an explicit ``refine=N``
+with such an explicit kind is refused (:func:`refine_conflict`), and with ``kind="auto"``
+that picks one of them it is dropped with a warning naming the kind picked.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,11 @@ VECTORS_NAME = "vectors.npy"
 DEFAULT_K_FACTOR = 8
 DEFAULT_DISK_BUDGET = 64 << 30
 MAX_K_FACTOR = 1024
+FLOAT_KINDS = {
+    "flat": "searches exactly",
+    "ivf": "scores its candidates on the float vectors already",
+    "hnsw": "scores its candidates on the float vectors already (raise ef_search for recall)",
+}  # kinds with nothing to re-rank, and why
 
 
 def check_refine(refine: Any) -> int | str:
@@ -49,12 +60,30 @@ def check_refine(refine: Any) -> int | str:
     return int(refine)
 
 
+def refine_conflict(kind: str, refine: Any) -> str | None:
+    """Why an explicit k factor ``refine`` (> 0) means nothing for an explicit ``kind``, or
+    None (``auto`` kinds are resolved later: :func:`resolve_refine`)."""
+    if kind not in FLOAT_KINDS or refine in (0, None, "auto"):
+        return None
+    return f"a k factor of {refine} has nothing to re-rank: kind {kind!r} {FLOAT_KINDS[kind]}"
+
+
 def resolve_refine(
     refine: int | str, was_auto: bool, kind: str, factory: str, n: int, dim: int, disk_budget: int
 ) -> int:
-    """The k factor an index of ``kind`` / ``factory`` uses (see the module docstring)."""
-    if kind == "flat":
-        return 0  # exact already
+    """The k factor an index of ``kind`` / ``factory`` uses (see the module docstring); a k
+    factor asked for with ``kind="auto"`` that picked a :data:`FLOAT_KINDS` kind is dropped
+    with a ``UserWarning``."""
+    if kind in FLOAT_KINDS:
+        if refine not in (0, "auto"):
+            warnings.warn(
+                f"refine={refine} dropped: kind='auto' picked {factory} for {n:,} vectors of "
+                f"{dim} dimensions, which {FLOAT_KINDS[kind]}: re-ranking would change nothing, "
+                "so no float vectors are saved for it. Pass refine='auto' or 0 (CLI: --refine "
+                "auto) to build without this warning.",
+                stacklevel=4,
+            )
+        return 0
     if refine != "auto":
         return int(refine)
     lossy = kind == "ivfpq" or factory.endswith("SQ8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_bad_refine_values_are_refused(bad) -> None:
 
 
 def test_refine_on_flat_and_auto_at_search_are_refused(data, refined) -> None:
-    with pytest.raises(ValueError, match="exact already"):
+    with pytest.raises(ValueError, match="searches exactly"):
         EmbeddingIndex(kind="flat", refine=4)
     with pytest.raises(ValueError, match="not 'auto'"):
         refined.search(data[1], k=5, refine="auto")
@@ -138,18 +139,90 @@ def test_refine_on_flat_and_auto_at_search_are_refused(data, refined) -> None:
         EmbeddingIndex(kind="ivfpq", disk_budget="lots")
 
 
-def test_cli_index_refine(tmp_path, data) -> None:
-    from smi_hub.cli import main
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_an_explicit_refine_with_a_kind_that_scores_exactly_is_refused(data, kind) -> None:
+    with pytest.raises(ValueError, match=f"refine=8: .*nothing to re-rank: kind '{kind}'"):
+        EmbeddingIndex.build(data[0], kind=kind, refine=8, queries=0)
+    for off in (0, "auto"):  # not asking for re-ranking is fine
+        assert EmbeddingIndex(kind=kind, refine=off).refine == 0
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_an_explicit_refine_that_auto_cannot_use_is_dropped_with_a_warning(
+    data, tmp_path, monkeypatch, small
+) -> None:
+    """kind='auto' picks Flat (<= FLAT_MAX vectors) or IVF...,Flat (floats fit the budget):
+    both score exactly, so refine=8 would only duplicate the vectors. It used to be dropped
+    silently; now the build says so, naming the kind picked."""
+    vectors, queries = data
+    if not small:
+        monkeypatch.setattr(index_mod, "FLAT_MAX", 1000)
+    picked = "Flat" if small else "IVF"
+    with pytest.warns(UserWarning, match=f"refine=8 dropped: kind='auto' picked {picked}"):
+        index = EmbeddingIndex.build(vectors, kind="auto", refine=8, queries=50)
+    assert index.kind == ("flat" if small else "ivf")
+    assert index.refine == 0 and index.metadata["build"]["refine"] == 0
+    index.save(tmp_path / "ix")
+    assert not (tmp_path / "ix" / VECTORS_NAME).exists()  # no float copy for nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refine="auto" (the default) or 0: no warning
+        for off in (0, "auto"):
+            EmbeddingIndex.build(vectors, kind="auto", refine=off, queries=50)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_refine_at_search_on_a_kind_that_scores_exactly_warns_it_is_ignored(data, kind):
+    vectors, queries = data
+    index = EmbeddingIndex.build(vectors, kind=kind, nprobe=4 if kind == "ivf" else None, queries=0)
+    plain = index.search(queries, k=10)
+    with pytest.warns(UserWarning, match=f"refine ignored: a {kind} index"):
+        found = index.search(queries, k=10, refine=8)
+    assert torch.equal(found.indices, plain.indices)
+
+
+def test_an_ivf_folder_saved_with_refine_before_it_was_refused_still_loads(data, tmp_path):
+    vectors, queries = data
+    folder = EmbeddingIndex.build(vectors, kind="ivf", nprobe=4, queries=0).save(tmp_path / "ix")
+    info = json.loads((folder / "index.json").read_text())
+    info["refine"] = 8  # as such a build wrote it (its vectors.npy changed no result)
+    (folder / "index.json").write_text(json.dumps(info))
+    back = EmbeddingIndex.load(folder)
+    assert back.refine == 0 and back.search(queries, k=5).indices.shape == (len(queries), 5)
+
+
+def make_store(tmp_path, vectors):
     from smi_hub.feature_store import StoreWriter
 
-    vectors, _ = data
+    n = len(vectors)
     writer = StoreWriter(
-        tmp_path / "store", "synthetic", {"model": "synthetic", "layer": "pooled"}, 4000
+        tmp_path / "store", "synthetic", {"model": "synthetic", "layer": "pooled"}, n
     )
     writer.prepare()
-    rows = list(range(4000))
+    rows = list(range(n))
     writer.write_shard(0, vectors, rows, [], [f"v{i}" for i in rows], [])
-    writer.finish(4000)
+    writer.finish(n)
+    return tmp_path / "store"
+
+
+def test_cli_index_refine_with_exact_kinds(tmp_path, data, capsys) -> None:
+    from smi_hub.cli import main
+
+    store = str(make_store(tmp_path, data[0]))
+    out = tmp_path / "ix"
+    assert main(["index", store, "-o", str(out), "--kind", "ivf", "--refine", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--refine 8 with --kind ivf" in err and "--kind ivfpq" in err
+    assert not out.exists()  # refused before any work
+    with pytest.warns(UserWarning, match="refine=8 dropped: kind='auto' picked Flat"):
+        assert main(["index", store, "-o", str(out), "--refine", "8"]) == 0
+    assert EmbeddingIndex.load(out).refine == 0 and not (out / VECTORS_NAME).exists()
+
+
+def test_cli_index_refine(tmp_path, data) -> None:
+    from smi_hub.cli import main
+
+    vectors, _ = data
+    make_store(tmp_path, vectors)
     out = tmp_path / "ix"
     assert (
         main(["index", str(tmp_path / "store"), "-o", str(out), "--kind", "ivfpq", "--refine", "4"])
