@@ -44,6 +44,8 @@ quickstart: install data
 test: install-dev browser
 	$(BIN)/python -m pytest -q
 
+# The unit tests and one test of each critical path (tests/test_fast_selection.py names them;
+# docs/testing.md, "Fast and steady": what it leaves to `make test`, how long it takes).
 test-fast: install-dev
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
 

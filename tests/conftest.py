@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -47,19 +48,73 @@ def fmnist_test():
         pytest.fail(str(e))
 
 
-def load_demo_app(name: str) -> ModuleType:
-    """``demo/app.py`` loaded by path as module ``name``, as ``smi-hub demo`` does (its engine,
-    ``demo/engine.py``, is ``.core``). Fails (no skip) without gradio."""
-    try:
-        import gradio  # noqa: F401
-    except ImportError as e:  # a missing install step is an error, not a skip
-        pytest.fail(f"{e}: the demo needs gradio: pip install -e '.[demo]'", pytrace=False)
-    path = Path(__file__).resolve().parents[1] / "demo" / "app.py"
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+
+
+def _exec_by_path(name: str, path: Path, register: bool = False) -> ModuleType:
+    """The file at ``path`` run as module ``name`` (in ``sys.modules`` if ``register``)."""
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    if register:
+        sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        if register:
+            del sys.modules[name]
+        raise
     return module
+
+
+def load_demo_engine() -> ModuleType:
+    """``demo/engine.py`` (no gradio), the very module ``demo/app.py`` uses as ``.core``: loaded
+    under the key ``demo/app.py``'s ``_load_sibling`` gives it, once per process."""
+    key = "smi_hub_demo_engine"
+    return sys.modules.get(key) or _exec_by_path(key, DEMO / "engine.py", register=True)
+
+
+class _LazyModule:
+    """A module loaded on first attribute access (reads, writes and ``monkeypatch`` pass
+    through): gradio, which ``demo/app.py`` imports, costs seconds, so a demo test module costs
+    nothing at collection when its tests are deselected (``make test-fast``)."""
+
+    def __init__(self, load: Callable[[], ModuleType]) -> None:
+        object.__setattr__(self, "_load", load)
+        object.__setattr__(self, "_module", None)
+
+    def _get(self) -> ModuleType:
+        if self._module is None:
+            object.__setattr__(self, "_module", self._load())
+        return self._module
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # collection probes every module global (__test__, _mock_name)
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._get(), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._get(), name)
+
+
+def load_demo_app(name: str) -> Any:
+    """``demo/app.py`` loaded by path as module ``name``, as ``smi-hub demo`` does (its engine,
+    ``demo/engine.py``, is ``.core``, the module :func:`load_demo_engine` gives), on first use.
+    Fails (no skip) without gradio."""
+
+    def load() -> ModuleType:
+        try:
+            import gradio  # noqa: F401
+        except ImportError as e:  # a missing install step is an error, not a skip
+            pytest.fail(f"{e}: the demo needs gradio: pip install -e '.[demo]'", pytrace=False)
+        module = _exec_by_path(name, DEMO / "app.py")
+        assert module.core is load_demo_engine()
+        return module
+
+    return _LazyModule(load)
 
 
 def demo_model(seed: int, base_width: int, projector_dims: list[int]) -> smi_hub.SMIModel:

@@ -18,12 +18,13 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from skimage import data as skdata
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import ColorJitter, GaussianBlur, RandomApply, RandomSolarize
 from torchvision.transforms.v2 import functional as TF
 
 from training import batch_augment as BA
 from training import pretrain
 from training.config import AugmentConfig, ConfigError, load_config
-from training.data import ImageFolderDataset, SafeTwoViewDataset
+from training.data import ImageFolderDataset, SafeTwoViewDataset, two_view_transform
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 CONFIG = Path(__file__).parents[1] / "training" / "configs" / "fmnist_resnet18_smi.yaml"
@@ -123,6 +124,20 @@ def test_view_specs_read_each_view_from_the_config():
     assert (a.blur_prob, b.blur_prob, a.solarize_prob, b.solarize_prob) == (0.7, 0.3, 0.1, 0.4)
 
 
+def test_default_views_are_the_reference_pair_on_both_paths():
+    """The documented defaults, view by view (blur 1.0 / 0.1, solarize 0.0 / 0.2), on the
+    batched path and the per-image one; a cheap guard beside the slow frequency test above."""
+    a, b = BA.view_specs(AugmentConfig())
+    assert (a.blur_prob, b.blur_prob, a.solarize_prob, b.solarize_prob) == (1.0, 0.1, 0.0, 0.2)
+    pair = two_view_transform(28, [0.5] * 3, [0.5] * 3, AugmentConfig())
+    for view, blur, solarize in ((pair.view_a, 1.0, []), (pair.view_b, 0.1, [0.2])):
+        applied = {
+            type(op.transforms[0]): op.p for op in view.transforms if isinstance(op, RandomApply)
+        }
+        assert applied == {ColorJitter: 0.8, GaussianBlur: blur}
+        assert [op.p for op in view.transforms if isinstance(op, RandomSolarize)] == solarize
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(375, 500), (500, 375), (100, 1000), (1000, 90)])
 def test_crop_boxes_match_torchvision_random_resized_crop(size):
@@ -146,6 +161,7 @@ def test_crop_boxes_match_torchvision_random_resized_crop(size):
     assert never == tuple(RandomResizedCrop.get_params(img, [1.0, 1.0], [3 / 4, 4 / 3]))
 
 
+@pytest.mark.slow
 def test_crop_resize_is_close_to_pil_bicubic():
     """The workers resize crops as uint8 tensors (torchvision's antialiased bicubic); the
     reference resizes PIL images. Measured on 20 crops: at most 0.036 grey levels apart on
@@ -192,6 +208,7 @@ def test_jitter_ops_equal_torchvision_per_sample(ours, ref, lo, hi):
     torch.testing.assert_close(ours(x.clone(), f), expected, rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PHOTOS)
 def test_blur_equals_pil_gaussian_blur_on_real_photos(name):
     """Within 3 grey levels anywhere and 0.6 on average of ``ImageFilter.GaussianBlur(sigma)``
@@ -207,6 +224,7 @@ def test_blur_equals_pil_gaussian_blur_on_real_photos(name):
         assert diff.max() <= 3 and diff.mean() <= 0.6, (sigma, diff.max(), diff.mean())
 
 
+@pytest.mark.slow
 def test_blur_uses_each_samples_sigma():
     x = photo_batch()
     sigma = torch.tensor([0.1, 2.0, 0.7, 1.3])
@@ -243,6 +261,7 @@ def params_for(x: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
     return {"image": (x * 255).round().to(torch.uint8), "params": params}
 
 
+@pytest.mark.slow
 def test_batch_augment_equals_the_per_image_chain_in_each_samples_order():
     """Whole chain on a batch = torchvision's per-image ops in the sample's drawn order,
     then grayscale, blur, solarize, normalize."""
@@ -287,6 +306,7 @@ def _photo_folder(root: Path, n: int) -> None:
         Image.fromarray(src[t : t + 60, left : left + 80]).save(d / f"{i:03d}.jpg", quality=90)
 
 
+@pytest.mark.slow
 def test_batched_views_are_a_function_of_seed_epoch_and_index(tmp_path):
     """Same views whatever the number of workers, the batch composition, or a fresh dataset
     (a resume) in between; another epoch gives other views."""

@@ -98,6 +98,7 @@ def test_demo_forwards_arguments(demo_argv):
     assert demo_argv() == ["--model", "m", "--port", "7861", "--host", "0.0.0.0"]
 
 
+@pytest.mark.slow
 def test_quickstart(weights, capsys, fmnist_test):
     code = main(["quickstart", "--model", str(weights), "--per-class", "3", "--eval", "40"])
     assert code == 0

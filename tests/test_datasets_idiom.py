@@ -16,6 +16,7 @@ from smi_hub import fashion_mnist
 from smi_hub.errors import ImageLoadError
 
 pytestmark = [
+    pytest.mark.slow,  # 1-2 s each through datasets.map; extraction stays in test_features*.py
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings("ignore:Skipped"),
 ]

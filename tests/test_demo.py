@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import demo_model, load_demo_app
+from conftest import demo_model, load_demo_app, load_demo_engine
 from PIL import Image
 
 import smi_hub
@@ -19,13 +19,14 @@ from smi_hub.gallery import default_gallery
 
 # pandas deprecations inside gradio's queue, not ours
 pytestmark = [
+    pytest.mark.slow,  # the Gradio app; not on make test-fast's critical paths
     pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
 
 
 app = load_demo_app("smi_hub_demo_app_test")
-core = app.core  # demo/engine.py
+core = load_demo_engine()  # demo/engine.py, app.core
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import skimage.data
-from conftest import load_demo_app
+from conftest import load_demo_app, load_demo_engine
 from PIL import Image
 
 from smi_hub.cli import main
@@ -17,12 +17,13 @@ from smi_hub.gallery import default_gallery
 from smi_hub.search_service import SearchService
 
 pytestmark = [
+    pytest.mark.slow,  # the Gradio app over an index; not on make test-fast's critical paths
     pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
 
 app = load_demo_app("smi_hub_demo_app_index")
-core = app.core
+core = load_demo_engine()  # app.core
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ def _fake_row(cell: dict, p: dict, out: Path) -> dict:
             "bytes_per_step": by, "cell_s": 0.1}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_grid_resumes_after_an_interruption_and_runs_each_cell_once(tmp_path, monkeypatch):
     ran: list[str] = []
 
@@ -129,6 +130,7 @@ def test_a_bad_shard_is_refused_at_parse_time(bad, capsys):
     assert "--shard" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gpu_wrapper_passes_the_out_dir_and_options_through(tmp_path):
     """benchmarks/gpu_efficiency.sh shares gpu_suite.sh's prelude (gpu_env.sh): OUT_DIR first,
     the study's options after it, the log in OUT_DIR."""

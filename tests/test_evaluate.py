@@ -111,6 +111,7 @@ def test_knn_top5_matches_a_naive_loop():
     assert m["top1"] < m["top5"] < 100  # the data can tell the two apart
 
 
+@pytest.mark.slow
 def test_linear_probe_on_one_hot_label_features_is_perfect():
     x_tr, y_tr = one_hot_features(300, 10)
     x_te, y_te = one_hot_features(100, 10, seed=1)
@@ -119,6 +120,7 @@ def test_linear_probe_on_one_hot_label_features_is_perfect():
     assert len(res["sweep"]) == 2 and res["best"]["lr"] in (0.1, 0.01)
 
 
+@pytest.mark.slow
 def test_low_shot_on_one_hot_features_and_shot_sampling():
     x_tr, y_tr = one_hot_features(300, 5)
     x_te, y_te = one_hot_features(50, 5, seed=1)
@@ -210,6 +212,7 @@ def test_cli_checkpoint_run_dir_linear_and_transfer(tmp_path, image_folder):
     assert (run / "eval" / "features").is_dir()
 
 
+@pytest.mark.slow
 def test_cli_weights_folder(tmp_path, image_folder):
     from smi_hub import save_weights_folder
 
@@ -242,6 +245,7 @@ def test_fashion_mnist_subset_features(fmnist_test):
     assert np.isin(y.numpy(), np.arange(10)).all()
 
 
+@pytest.mark.slow
 def test_cli_hf_local_image_files(tmp_path, image_folder):
     """``--dataset hf`` on local image files: datasets' imagefolder builder, offline."""
     out = tmp_path / "knn.json"

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.datasets import load_digits
 
 import smi_hub
 from smi_hub import SMIModel, load_weights_folder, save_weights_folder
@@ -33,10 +32,15 @@ from training.probes import (
     topk_accuracy,
 )
 
+# about 100 s of CPU in all; test_evaluate.py's k-NN tests stay fast
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's real 8x8 digits as 64-d pixel features, split in two halves."""
+    from sklearn.datasets import load_digits  # here: scikit-learn costs seconds at collection
+
     d = load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target)
     return x[:900], y[:900], x[900:], y[900:]
@@ -738,6 +742,8 @@ def test_markdown_table_layout():
 
 
 def test_digits_split_is_the_documented_seeded_half():
+    from sklearn.datasets import load_digits
+
     target = load_digits().target
     rng = np.random.default_rng(0)
     train = []

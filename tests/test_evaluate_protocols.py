@@ -53,6 +53,7 @@ def test_reference_linear_protocol_on_the_embedded_default(tmp_path, capsys, rec
         assert m["top1"] > 40
 
 
+@pytest.mark.slow
 def test_reference_linear_keeps_the_backbone_frozen_in_eval_mode():
     torch.manual_seed(0)
     model = SMIModel(arch="resnet18", base_width=4, small_stem=True, projector_dims=[],
@@ -90,6 +91,7 @@ def test_default_resize_comes_from_the_model_preprocessing(tmp_path):
     assert evaluate.build_parser().parse_args(["knn"]).resize_ratio is None
 
 
+@pytest.mark.slow
 def test_digits_source_is_a_fixed_stratified_split():
     train, test = eval_data.DigitsDataset("train"), eval_data.DigitsDataset("test")
     assert (len(train), len(test)) == (901, 896)

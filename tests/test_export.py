@@ -54,6 +54,7 @@ def r18():
     return m
 
 
+@pytest.mark.slow
 def test_export_and_load_into_torchvision_and_timm(tmp_path, r18):
     ckpt = write_checkpoint(tmp_path / "run", r18)
     (tmp_path / "run" / "eval").mkdir()
@@ -107,6 +108,7 @@ def test_export_and_load_into_torchvision_and_timm(tmp_path, r18):
         assert torch.allclose(loaded.embed(x), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_with_projector(tmp_path, r18):
     ckpt = write_checkpoint(tmp_path / "run", r18)
     out = export_checkpoint(ckpt, tmp_path / "wp", with_projector=True)
@@ -117,6 +119,7 @@ def test_export_with_projector(tmp_path, r18):
         assert torch.allclose(loaded(x), r18(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_errors(tmp_path, r18):
     with pytest.raises(CheckpointError, match="not found"):
         export_checkpoint(tmp_path / "none.pt", tmp_path / "o")
@@ -153,6 +156,7 @@ def test_export_errors(tmp_path, r18):
         export_checkpoint(ok, tmp_path / "o", results_files=[bad_result])
 
 
+@pytest.mark.slow
 def test_smi_hub_never_imports_training():
     import subprocess
     import sys

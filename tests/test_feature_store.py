@@ -26,6 +26,9 @@ from smi_hub.cli import main
 from smi_hub.feature_store import FeatureStore, FeatureStoreError, work_folder
 from smi_hub.outputs import OutputFolderError
 
+# 2-20 s each; the store's plumbing stays fast in test_features_mutants.py
+pytestmark = pytest.mark.slow
+
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
 
 

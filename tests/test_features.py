@@ -54,6 +54,7 @@ def photos(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_folder_matches_torchvision_forward(model, photos):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     try:
@@ -73,6 +74,7 @@ def test_folder_matches_torchvision_forward(model, photos):
     assert torch.allclose(result.features, ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_inputs_agree(model, photos):
     files = sorted(photos.glob("*.png"))
     by_folder = smi_hub.extract_features(model, photos, progress=False)
@@ -91,6 +93,7 @@ def test_inputs_agree(model, photos):
     assert torch.allclose(one.features[0], by_folder.features[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_and_hf_datasets(model, fmnist_test):
     images, labels = fmnist_test
     ds = smi_hub.fashion_mnist.FashionMNIST("test", indices=range(20))
@@ -131,6 +134,7 @@ def test_layers(model):
         smi_hub.extract_features(bare, x, layer="projector")
 
 
+@pytest.mark.slow
 def test_channels_last_and_bf16(model):
     x = torch.randn(4, 3, 32, 32)
     ref = smi_hub.extract_features(model, x, progress=False).features
@@ -179,6 +183,7 @@ def test_default_gallery_missing_dataset(tmp_path, monkeypatch):
         smi_hub.default_gallery(tmp_path / "g2", per_class=1)
 
 
+@pytest.mark.slow
 def test_inputs_are_fingerprinted_only_for_a_feature_store(model, photos, tmp_path, monkeypatch):
     """The fingerprint (sha256 of a tensor's bytes or of every PIL image, a stat of every file)
     only serves resuming a store: without ``out`` it must not be computed. On an H200 hashing

@@ -87,6 +87,7 @@ def _query_images(tmp_path, n=4):
     return paths
 
 
+@pytest.mark.slow
 def test_finetune_then_predict_chain(tmp_path, capsys):
     """The Done-when chain: fine-tune the embedded default on a few hundred real Fashion-MNIST
     images with a handful of steps, load the classifier strictly, predict from the CLI."""
@@ -234,6 +235,7 @@ def _image_folder(root, per_class=12):
     return root
 
 
+@pytest.mark.slow
 def test_imagefolder_source_and_class_names(tmp_path):
     data = _image_folder(tmp_path / "data")
     cfg = FinetuneConfig(

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import smi_hub
@@ -29,6 +30,7 @@ def image_folder(root: Path, per_class: int = 8, split: str = "train") -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_prints_rounded_metrics_and_a_whole_best_epoch(tmp_path, capsys, one_torch_thread):
     data = image_folder(tmp_path / "data")
     argv = [

@@ -129,6 +129,7 @@ def test_quick_suite_through_the_wrapper(tmp_path):
     assert len([p for p in out.rglob("*") if p.is_file()]) <= 8  # what $OUT sends back
 
 
+@pytest.mark.slow
 def test_soft_deadline_keeps_the_first_measurement(tmp_path, monkeypatch):
     """A spent budget stops the step between measurements: timed_out, results kept. The
     hard interrupt is moved out of the way (its grace is 2 s at budget 0, and a busy machine
@@ -154,6 +155,7 @@ def _suite(tmp_path) -> "gs.Suite":
     return gs.Suite(args)
 
 
+@pytest.mark.slow
 def test_hard_deadline_interrupts_a_stuck_step(tmp_path):
     suite = _suite(tmp_path)
 
@@ -232,6 +234,7 @@ def test_git_revision_names_a_commit_of_the_checkout():
         assert rev["from"] != "git"
 
 
+@pytest.mark.slow
 def test_environment_step_records_versions(tmp_path):
     suite = _suite(tmp_path)
     rec = gs.run_step(suite, "environment", gs.step_environment, budget_s=60, grace_s=5)

@@ -146,6 +146,7 @@ def test_missing_embedded_default_says_how_to_build_it(monkeypatch, tmp_path):
     assert "smi-hub export" in msg
 
 
+@pytest.mark.slow
 def test_not_published_entries():
     for name in ("smi_resnet50_imagenet", "barlow_twins_resnet50_imagenet"):
         with pytest.raises(WeightsNotPublishedError) as e:
@@ -291,6 +292,7 @@ def _fake_hf_cache(hf_home: Path, repo_id: str, folder: Path) -> Path:
     return snap
 
 
+@pytest.mark.slow
 def test_hf_offline_from_populated_cache(folder, tmp_path):
     hf_home = tmp_path / "hf"
     _fake_hf_cache(hf_home, "smi-hub/tiny-test", folder)
@@ -414,6 +416,7 @@ def test_hubconf_entries_cover_registry():
         assert name in entries, name
 
 
+@pytest.mark.slow
 def test_torch_hub_local(folder, server):
     model = torch.hub.load(str(REPO), "smi_default", source="local")
     assert same_weights(model, smi_hub.load())

@@ -22,6 +22,9 @@ from smi_hub import EmbeddingIndex, FeatureStore, SMIHubError
 from smi_hub.feature_store import StoreWriter
 from smi_hub.index import factory_string, parse_bytes, recall_at_k
 
+# faiss ANN builds, 1-25 s each; test_index.py and test_index_mutants.py stay fast
+pytestmark = pytest.mark.slow
+
 
 def clustered(n: int, d: int, clusters: int, noise: float, seed: int = 0) -> torch.Tensor:
     """Gaussian clusters: random centres plus isotropic noise (overlapping at noise ~ 1)."""

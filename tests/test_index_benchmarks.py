@@ -64,6 +64,7 @@ def test_ground_truth_and_measure_against_a_float64_reference(scale) -> None:
     assert scale.measure(lambda x: half[: len(x)], queries, truth)["recall_at_10"] == 0.5
 
 
+@pytest.mark.slow
 def test_index_refine_runs_on_synthetic_vectors_and_on_a_store(tmp_path) -> None:
     from smi_hub.feature_store import StoreWriter
 

@@ -309,6 +309,7 @@ def _check_tuning(db: torch.Tensor, targets: tuple[float, ...]) -> set[int]:
     return chosen
 
 
+@pytest.mark.slow
 def test_build_report_and_knob_tuning_follow_the_documented_rule():
     db = clustered(1200, 16, noise=1.2, seed=3)  # 16 cells, overlapping clusters
     n = len(db)
@@ -337,6 +338,7 @@ def test_build_report_and_knob_tuning_follow_the_documented_rule():
     assert quiet.metadata["build"]["train_vectors"] == 1000
 
 
+@pytest.mark.slow
 def test_build_hnsw_and_sample_sizes(db):
     hnsw = EmbeddingIndex.build(db, kind="hnsw", target_recall=0.0, queries=20)
     report = hnsw.metadata["build"]
@@ -364,6 +366,7 @@ def test_build_hnsw_and_sample_sizes(db):
     assert default.nprobe != EmbeddingIndex.build(db, kind="ivf", target_recall=1.0).nprobe
 
 
+@pytest.mark.slow
 def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
     seen = {}
     train, exact = EmbeddingIndex.train, I._exact_topk
@@ -386,6 +389,7 @@ def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
     assert train_rows | query_rows == {tuple(r) for r in I._normalize(db).tolist()}
 
 
+@pytest.mark.slow
 def test_training_sample_size_grows_with_the_cells():
     g = torch.Generator().manual_seed(0)
     mid = EmbeddingIndex.build(torch.randn(12_000, 4, generator=g), kind="ivf", queries=0)
@@ -400,6 +404,7 @@ def test_training_sample_size_grows_with_the_cells():
     assert torch.equal(got[990:], flat.search(q[990:], k=3).indices)
 
 
+@pytest.mark.slow
 def test_build_from_a_store_and_its_errors(db, tmp_path):
     writer = StoreWriter(tmp_path / "s", "synthetic", {"model": "m"}, 700)
     writer.prepare()
@@ -454,6 +459,7 @@ def test_missing_neighbours_are_minus_one_with_no_label(db):
         assert labels == [f"v{j}" if j >= 0 else None for j in row]
 
 
+@pytest.mark.slow
 def test_search_time_knobs_apply_to_one_call(db):
     ivf = EmbeddingIndex.build(db, kind="ivf", nprobe=1)
     inner = faiss.extract_index_ivf(ivf._faiss)
@@ -532,6 +538,7 @@ def test_index_json_records_everything(db, tmp_path):
     assert loaded.embeddings.dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_vectors_added_to_a_memory_mapped_index(db, tmp_path, kind):
     # faiss aborts the process when asked to grow a memory-mapped index

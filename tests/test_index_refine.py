@@ -17,6 +17,9 @@ from smi_hub.errors import SMIHubError  # noqa: E402
 from smi_hub.index import recall_at_k  # noqa: E402
 from smi_hub.refine import DEFAULT_K_FACTOR, VECTORS_NAME  # noqa: E402
 
+# faiss refine builds, about 45 s of CPU in all; test_index.py stays fast
+pytestmark = pytest.mark.slow
+
 
 def clustered(n: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

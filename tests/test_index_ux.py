@@ -30,6 +30,7 @@ def test_nprobe_on_a_flat_index_warns_instead_of_being_ignored(vectors):
         ivf.search(vectors[:2], k=3, nprobe=2)
 
 
+@pytest.mark.slow
 def test_cli_search_with_nprobe_on_a_flat_index_says_so(tmp_path, capsys, monkeypatch):
     import smi_hub
     from smi_hub import SMIModel
@@ -53,6 +54,7 @@ def test_build_progress_on_stderr_and_off_by_choice(vectors, capfd):
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_a_tiny_ivfpq_is_refused_with_one_clear_message_not_faiss_warnings(vectors, capfd):
     with pytest.raises(ValueError, match=f"at least {PQ_MIN_TRAIN} training vectors.*got 64"):
         EmbeddingIndex.build(vectors[:64], kind="ivfpq")

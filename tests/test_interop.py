@@ -50,7 +50,14 @@ def _model(arch: str, **kw) -> SMIModel:
 # --- strict loads into torchvision and timm -----------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "resnet18",
+        pytest.param("resnet34", marks=pytest.mark.slow),
+        pytest.param("resnet50", marks=pytest.mark.slow),
+    ],
+)
 def test_save_pretrained_loads_strictly_into_torchvision_and_timm(tmp_path, arch):
     model = _model(arch)
     model.save_pretrained(tmp_path / "w")  # default: no projector
@@ -68,6 +75,7 @@ def test_save_pretrained_loads_strictly_into_torchvision_and_timm(tmp_path, arch
         torch.testing.assert_close(tm.eval()(x), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_classifier_folder_loads_into_torchvision_and_timm_with_its_head(tmp_path):
     model = _model("resnet18", num_classes=7)
     model.save_pretrained(tmp_path / "c")
@@ -84,6 +92,7 @@ def test_classifier_folder_loads_into_torchvision_and_timm_with_its_head(tmp_pat
         torch.testing.assert_close(tm.eval()(x), logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_timm_pretrained_file_overlay_gives_identical_features(tmp_path, arch):
     model = _model(arch)
@@ -99,6 +108,7 @@ def test_timm_pretrained_file_overlay_gives_identical_features(tmp_path, arch):
         torch.testing.assert_close(tm(x), model.embed(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [0, 5])
 def test_timm_builds_a_weights_folder_from_its_config_json(tmp_path, num_classes):
     """config.json carries timm's keys (architecture, num_classes, pretrained_cfg): timm's own
@@ -134,6 +144,7 @@ def _photos() -> list[Image.Image]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["smi_resnet18_fmnist", "smi_resnet50_imagenet"])
 def test_timm_resolve_data_config_reproduces_get_transforms(source):
     model = smi_hub.load(source, pretrained=source == "smi_resnet18_fmnist")
@@ -220,6 +231,7 @@ print(smi_hub.fileio.sha256_file(sys.argv[1] + "/model.safetensors"))
 """
 
 
+@pytest.mark.slow
 def test_weights_bytes_are_identical_across_processes(tmp_path):
     """safetensors writes its metadata in a per-process random order; the canonical header
     makes two processes (different hash seeds) write byte-identical files and configs."""

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
-from sklearn.datasets import load_sample_images
 
 import smi_hub
 from smi_hub import jpeg_decode
@@ -45,6 +44,8 @@ def _jpeg(array: np.ndarray, **kw) -> bytes:
 def photo_dir(tmp_path_factory, fmnist_test):
     """Real photos as JPEGs (colour and grayscale, progressive too), Fashion-MNIST images, and
     the odd files device decoding must hand to the CPU path."""
+    from sklearn.datasets import load_sample_images  # here: seconds at collection otherwise
+
     folder = tmp_path_factory.mktemp("jpegs")
     photos = [getattr(data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "camera")]
     photos += list(load_sample_images().images)
@@ -84,6 +85,7 @@ def test_read_jpeg_sends_only_plain_jpegs_to_the_device(photo_dir):
     assert read_jpeg(str(photo_dir / "missing.jpg")) is None
 
 
+@pytest.mark.slow
 def test_device_preprocessing_matches_get_transforms_on_real_photos(model, photo_dir):
     tfm = smi_hub.get_transforms(model)
     files = [p for p in _files(photo_dir) if read_jpeg(p) is not None and "cut" not in p]
@@ -99,6 +101,7 @@ def test_device_preprocessing_matches_get_transforms_on_real_photos(model, photo
     assert ((fa - fb).norm(dim=1) / fb.norm(dim=1)).max() <= FEATURE_REL_ERR
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_extract_with_device_decode_equals_the_cpu_path(model, photo_dir, workers, monkeypatch):
     decoded = []
@@ -127,6 +130,7 @@ def test_extract_with_device_decode_equals_the_cpu_path(model, photo_dir, worker
     assert len(decoded) == len(dev.paths) - len(odd)  # every plain JPEG decoded as a batch
 
 
+@pytest.mark.slow
 def test_a_file_the_decoder_refuses_falls_back_to_the_cpu_path(model, photo_dir, monkeypatch):
     refused = str(photo_dir / "a01.jpg")
     bad_bytes = read_jpeg(refused)
@@ -176,6 +180,7 @@ def test_decode_modes(model, photo_dir):
         device_decoder(files, tfm, CPU, "gpu")
 
 
+@pytest.mark.slow
 def test_cli_extract_decode_device(model, photo_dir, tmp_path, capsys):
     weights = tmp_path / "weights"
     smi_hub.save_weights_folder(model, weights)

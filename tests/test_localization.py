@@ -13,6 +13,9 @@ import smi_hub
 from smi_hub import SMIModel
 from smi_hub.localization import _input_tensor
 
+# 1-5 s each (ResNet forwards and backwards on photos); not on make test-fast's critical paths
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def model() -> SMIModel:

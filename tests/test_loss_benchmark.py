@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -17,6 +19,7 @@ def _load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_loss_cost_smoke(tmp_path):
     """As a user runs it (its memory pass starts a child process of its own)."""
     out = tmp_path / "loss_cost.json"

@@ -110,6 +110,7 @@ def _image_folder(root, per_class=6):
     return root
 
 
+@pytest.mark.slow
 def test_finetune_on_an_image_folder_gets_a_model_index(tmp_path):
     """A real fine-tune of the embedded default on an image folder of Fashion-MNIST photos."""
     from training import finetune as ft
@@ -133,6 +134,7 @@ def test_finetune_on_an_image_folder_gets_a_model_index(tmp_path):
     assert "Fine-tuned from `smi_resnet18_fmnist`" in card.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_card_timm_snippet_keeps_head_and_data_config(tmp_path, num_classes):
     """The card's timm code (both routes) gives the model's own logits / features and timm's

@@ -44,7 +44,13 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "arch, base_width",
-    [("resnet18", 8), ("resnet34", 8), ("resnet50", 8), ("resnet18", 64), ("resnet50", 64)],
+    [
+        ("resnet18", 8),
+        ("resnet34", 8),
+        ("resnet50", 8),
+        ("resnet18", 64),
+        pytest.param("resnet50", 64, marks=pytest.mark.slow),
+    ],
 )
 def test_output_shapes_imagenet_stem(arch, base_width):
     model = SMIModel(arch=arch, base_width=base_width, projector_dims=[32, 24, 16]).eval()
@@ -131,7 +137,7 @@ def test_constructor_validation_and_config():
 # --- equality with torchvision ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["resnet34", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet34", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_backbone_equals_torchvision(arch):
     torch.manual_seed(0)
     model = SMIModel(arch=arch, projector_dims=[]).eval()
@@ -226,6 +232,7 @@ def test_from_pretrained_uncached_repo_with_local_files_only(tmp_path):
         SMIModel.from_pretrained("not a repo id!", local_files_only=True)
 
 
+@pytest.mark.slow
 def test_from_pretrained_offline_with_empty_cache(tmp_path):
     """HF_HUB_OFFLINE=1 is read when huggingface_hub is imported: use a fresh interpreter."""
     script = """

@@ -91,6 +91,7 @@ def test_index_into_the_current_directory_is_refused(gallery, tmp_path, monkeypa
     assert _tree(tmp_path / "home") == before
 
 
+@pytest.mark.slow
 def test_a_feature_store_is_not_replaced_by_an_index(gallery, tmp_path, capsys):
     store = tmp_path / "feats"
     assert main(["extract", str(gallery), "-o", str(store)]) == 0
@@ -104,6 +105,7 @@ def test_a_feature_store_is_not_replaced_by_an_index(gallery, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "idx")) == ["embeddings.safetensors", "index.json"]
 
 
+@pytest.mark.slow
 def test_extract_over_an_index_or_user_files_is_refused(gallery, tmp_path, capsys):
     idx = tmp_path / "idx"
     assert main(["index", str(gallery), "-o", str(idx)]) == 0
@@ -197,6 +199,7 @@ def test_second_extract_on_a_locked_output_is_refused_and_touches_nothing(
         first.release()
 
 
+@pytest.mark.slow
 def test_symlinked_output_is_written_through(gallery, tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to("real")
@@ -207,6 +210,7 @@ def test_symlinked_output_is_written_through(gallery, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["link", "real"]  # no .link.XXXX.old litter
 
 
+@pytest.mark.slow
 def test_tilde_output_goes_to_home(gallery, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
@@ -224,6 +228,7 @@ def test_300_character_output_gets_a_clear_error(gallery, tmp_path, capsys, comm
     assert "at most 200" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_flat_index_files_follow_the_umask(gallery, tmp_path):
     old = os.umask(0o022)
     try:
@@ -244,6 +249,7 @@ sys.exit(main(["extract", sys.argv[1], "-o", sys.argv[2], "--npy", "--shard-size
 """
 
 
+@pytest.mark.slow
 def test_disk_full_during_extract_npy_keeps_the_shards_and_resumes(gallery, tmp_path):
     """Each file may hold at most 4 kB: the 4-row shards (2.3 kB) fit, features.npy (10 x 128
     floats, 5.2 kB) does not, like a disk that fills up at the end of the run."""

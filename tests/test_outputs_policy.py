@@ -184,6 +184,7 @@ def test_second_claim_is_refused_while_the_first_holds_the_lock(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_lock_is_released_when_its_process_is_killed(tmp_path):
     import signal
     import subprocess

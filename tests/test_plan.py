@@ -23,6 +23,7 @@ def tiny() -> SMIModel:
     return SMIModel(arch="resnet18", base_width=4, small_stem=True, image_size=28)
 
 
+@pytest.mark.slow
 def test_timing_a_batch_changes_nothing_in_the_model_or_the_rng():
     model = tiny().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -35,6 +36,7 @@ def test_timing_a_batch_changes_nothing_in_the_model_or_the_rng():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+@pytest.mark.slow
 def test_the_timed_batch_takes_the_models_memory_layout():
     # training feeds a channels-last model a channels-last batch; an NCHW batch given to one
     # made oneDNN's 1x1 convolution backward hang or crash at this width on this CPU
@@ -55,6 +57,7 @@ def test_duration(seconds, text):
 PLAN = r"plan: (\w+) .*; estimate ~\d+ (s|min|h)"
 
 
+@pytest.mark.slow
 def test_extract_prints_its_plan(tmp_path, capsys):
     weights = smi_hub.save_weights_folder(tiny().eval(), tmp_path / "w")
     gallery = smi_hub.default_gallery(tmp_path / "gallery", per_class=1)
@@ -66,6 +69,7 @@ def test_extract_prints_its_plan(tmp_path, capsys):
     assert str(out) in line
 
 
+@pytest.mark.slow
 def test_pretrain_prints_its_plan(tmp_path, capsys):
     cfg = load_config(
         CONFIG,

@@ -12,6 +12,9 @@ import smi_hub
 from smi_hub import DownloadError, SMIModel
 from smi_hub.errors import UploadError
 
+# about 1.5 s each; not on make test-fast's critical paths
+pytestmark = pytest.mark.slow
+
 
 def _closed_port() -> int:
     with socket.socket() as s:

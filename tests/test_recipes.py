@@ -129,6 +129,7 @@ def _small_r50(loss: str) -> SMIModel:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_recipe_model_zero_inits_each_residual_block_and_has_the_reference_projector(loss):
     model = _small_r50(loss)
@@ -164,6 +165,7 @@ def _reference_lr(step: int, epochs: int, steps_per_epoch: int, base: float) -> 
     return base * q + base * 0.001 * (1 - q)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", LOSSES)
 def test_optimizer_groups_and_schedule_match_the_reference(loss):
     cfg = load_config(CONFIGS / f"imagenet_resnet50_{loss}.yaml")

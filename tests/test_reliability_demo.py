@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import demo_model, load_demo_app, png_header_only
+from conftest import demo_model, load_demo_app, load_demo_engine, png_header_only
 from gradio_client import Client, handle_file
 from PIL import Image, ImageFile
 from safetensors.torch import load_file, save_file
@@ -21,13 +21,14 @@ from smi_hub.fileio import sha256_file
 from smi_hub.gallery import default_gallery
 
 pytestmark = [
+    pytest.mark.slow,  # the Gradio app, served; not on make test-fast's critical paths
     pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
 
 
 app = load_demo_app("smi_hub_demo_app_rel")
-core = app.core  # demo/engine.py
+core = load_demo_engine()  # demo/engine.py, app.core
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:

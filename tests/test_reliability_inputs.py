@@ -491,6 +491,7 @@ def small_gallery(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_broken_symlink_listed_and_failed(tmp_path, tiny):
     g = small_gallery(tmp_path / "g")
     (g / "a" / "dead.png").symlink_to(tmp_path / "nowhere.png")
@@ -503,6 +504,7 @@ def test_broken_symlink_listed_and_failed(tmp_path, tiny):
     ]
 
 
+@pytest.mark.slow
 def test_unreadable_subfolder_listed_and_failed(tmp_path, tiny, deny_listing):
     g = small_gallery(tmp_path / "g")
     (g / "locked").mkdir()
@@ -648,6 +650,7 @@ def test_bad_numbers_are_usage_errors(capsys, no_work, case):
     assert f"error: argument {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["extract", "index"])
 def test_folder_of_only_bad_files_fails(tmp_path, weights, capsys, command):
     bad = tmp_path / "bad"
@@ -669,6 +672,7 @@ RESULTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESULTS))
 def test_export_results_file_named(tmp_path, weights, capsys, case, run_checkpoint):
     data, name = RESULTS[case]

@@ -79,6 +79,7 @@ EXPORT_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage,message", [c[3:] for c in EXPORT_CASES], ids=[c[0] for c in EXPORT_CASES]
 )
@@ -96,12 +97,14 @@ def test_export_verifies_the_checkpoint_as_resume_does(tmp_path, capsys, damage,
     assert training_checkpoint.verify_checkpoint is export.verify_checkpoint  # one function
 
 
+@pytest.mark.slow
 def test_export_of_an_intact_checkpoint_still_works(tmp_path):
     ckpt = _saved_checkpoint(tmp_path, tiny(), {"loss": {"name": "smi"}})
     out = export.export_checkpoint(ckpt, tmp_path / "w")
     assert smi_hub.load(out).num_features == tiny().num_features
 
 
+@pytest.mark.slow
 def test_export_of_a_finetuning_checkpoint(tmp_path):
     """Long tail: a fine-tuning checkpoint (its config's ``data`` is a string) exports into a
     classifier folder instead of an AttributeError."""
@@ -301,6 +304,7 @@ STORE_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "field,edit", [c[2:] for c in STORE_CASES], ids=[c[0] for c in STORE_CASES]
 )
@@ -315,6 +319,7 @@ def test_tampered_manifest_is_refused_naming_the_field(store_template, tmp_path,
     assert field in str(e.value) and "xtract" in str(e.value)  # names the field and the fix
 
 
+@pytest.mark.slow
 def test_a_sound_store_has_a_manifest_checksum(store_template):
     m = json.loads((store_template / "manifest.json").read_text())
     assert m["format_version"] == 2 and m["manifest_sha256"] == manifest_checksum(m)
@@ -423,6 +428,7 @@ def test_extract_with_a_nan_weight_names_the_tensor(tmp_path, capsys):
     assert not (tmp_path / "i").exists()
 
 
+@pytest.mark.slow
 def test_extract_of_nan_input_tensors_names_the_input():
     x = torch.rand(4, 3, 28, 28)
     x[2, 0, 0, 0] = math.nan

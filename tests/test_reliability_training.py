@@ -358,6 +358,7 @@ def test_cli_config_errors_exit_2_without_traceback(override, fragment, capsys, 
     assert fragment in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_subprocess_bad_setting_exits_2(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "training.pretrain", *TINY, f"output_dir={tmp_path}/run"]
@@ -373,6 +374,7 @@ def test_cli_subprocess_bad_setting_exits_2(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written for a refused config
 
 
+@pytest.mark.slow
 def test_divergence_before_any_checkpoint_says_none_exists(tmp_path, monkeypatch, capsys):
     real = pretrain.build_loss
 

@@ -117,6 +117,7 @@ def test_sampler_without_drop_last_sees_every_image_once(replicas):
     assert all(len(b) == 4 for b in full) and len(list(full)) == 30 // (4 * replicas)
 
 
+@pytest.mark.slow
 def test_head_starts_from_n_0_001_with_zero_bias(weights):
     torch.manual_seed(3)
     model = finetune_loop.build_model(FinetuneConfig(model=str(weights)), 200, None)

@@ -67,6 +67,7 @@ def test_feature_info_and_features_only_match_timm():
     assert [f["num_chs"] for f in small.feature_info] == [4, 16, 32, 64, 128]
 
 
+@pytest.mark.slow
 def test_load_features_only(tmp_path):
     torch.manual_seed(0)
     model = SMIModel(arch="resnet18", projector_dims=[16], image_size=64, num_classes=3).eval()
@@ -136,6 +137,7 @@ def test_num_classes_uses_the_configs_range(tmp_path, value, error):
         SMIModel(arch="resnet18", base_width=4, projector_dims=[], num_classes=value)
 
 
+@pytest.mark.slow
 def test_from_pretrained_num_classes_behaves_like_load(tmp_path):
     folder = smi_hub.load().save_pretrained(tmp_path / "w")
     torch.manual_seed(3)

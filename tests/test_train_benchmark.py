@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_smoke(tmp_path):
     out = tmp_path / "train_step.json"
     cmd = [

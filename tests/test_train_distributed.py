@@ -43,6 +43,7 @@ def _worker(
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ["smi", "barlow_twins", "vicreg"])
 def test_two_process_gradient_equals_full_batch_gradient(tmp_path, name):
@@ -59,6 +60,7 @@ def test_two_process_gradient_equals_full_batch_gradient(tmp_path, name):
         torch.testing.assert_close(grad, model.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_local_loss_gradient_is_the_gradient_of_the_mean_local_loss(tmp_path):
     x_a, x_b, model = _data()

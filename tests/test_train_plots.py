@@ -29,6 +29,7 @@ def test_read_metrics_keeps_the_last_row_of_a_step(tmp_path):
     assert [r["projector_effective_rank"] for r in epochs] == [10.0, 20.0]
 
 
+@pytest.mark.slow
 def test_plot_runs_writes_a_png(tmp_path):
     write_run(tmp_path / "smi", [3.0, 2.0, 1.0])
     write_run(tmp_path / "bt", [30.0, 20.0, 10.0])

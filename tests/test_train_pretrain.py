@@ -153,6 +153,7 @@ def test_resume_in_process_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_flag(tmp_path):
     out = tmp_path / "run"
     pretrain.train(tiny_config(out, "train.max_steps=1"))
@@ -265,6 +266,7 @@ def test_grayscale_and_transparent_images_go_through_the_same_pipeline(tmp_path,
         assert torch.equal(views[name][1], views["gray"][1]), name
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     cfg = tiny_config(out, "train.epochs=3", "checkpoint.every_steps=2", "train.max_nonfinite=3")
