@@ -88,7 +88,8 @@ def test_bytes_per_step_of_the_loss_and_of_ddp_gradients(tmp_path):
     """Two gloo processes, local batch 4, projector output 32: the gathered SMI loss hands each
     process's 2 x 4 x 32 float32 embeddings (+ one int64 size per gather) to all_gather; the
     local loss none; DDP all-reduces every parameter's float32 gradient once per step."""
-    p = {**study.PRESETS["cpu"], "images": 16, "hidden": 16, "eval_train": 10, "eval_test": 10}
+    p = {**study.PRESETS["cpu"], "images": 16, "epochs": 1, "hidden": 16, "eval_train": 10,
+         "eval_test": 10}  # fmt: skip
     rows = {}
     for sync in ("gathered", "local"):
         cell = {"id": sync, "loss": "smi", "batch": 8, "width": 32, "sync": sync, "nproc": 2,
