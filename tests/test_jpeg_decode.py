@@ -197,3 +197,15 @@ def test_cli_extract_decode_device(model, photo_dir, tmp_path, capsys):
     assert dev.paths == cpu.paths
     a, b = dev.to_tensor(), cpu.to_tensor()
     assert ((a - b).norm(dim=1) / b.norm(dim=1)).max() <= FEATURE_REL_ERR
+
+
+def test_extract_decodes_where_the_library_does_by_default():
+    """`smi-hub extract` without --decode decodes where `extract_features` does by default
+    (auto: on the device only on CUDA), as its --help says."""
+    import inspect
+
+    from smi_hub.cli import build_parser
+
+    args = build_parser().parse_args(["extract", "photos/", "-o", "store/"])
+    default = inspect.signature(smi_hub.extract_features).parameters["decode"].default
+    assert args.decode == default == "auto"
