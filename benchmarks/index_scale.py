@@ -95,11 +95,11 @@ def synthetic_data(args: argparse.Namespace, work: Path):
 def ground_truth(queries: torch.Tensor, parts, k: int = 10) -> torch.Tensor:
     """Exact float32 cosine top-``k`` rows of ``queries`` among the vectors of ``parts`` (an
     iterable of N_i x D chunks: a store, read one shard at a time)."""
-    from smi_hub.index import _exact_topk
+    from smi_hub.index_vectors import exact_topk
 
     normalize = torch.nn.functional.normalize
     t0 = time.perf_counter()
-    _, truth = _exact_topk(normalize(queries), (normalize(p) for p in parts), k)
+    _, truth = exact_topk(normalize(queries), (normalize(p) for p in parts), k)
     print(f"ground truth in {time.perf_counter() - t0:.0f} s", flush=True)
     return truth
 
@@ -107,7 +107,7 @@ def ground_truth(queries: torch.Tensor, parts, k: int = 10) -> torch.Tensor:
 def measure(search, queries: torch.Tensor, truth: torch.Tensor, repeats: int = 3) -> dict:
     """Queries/s (best of ``repeats`` batched calls of ``search(queries)``, after a warm-up on
     8 queries) and recall@k of the rows it returns (Q x k) against ``truth``."""
-    from smi_hub.index import recall_at_k
+    from smi_hub.index_vectors import recall_at_k
 
     search(queries[:8])
     best = float("inf")

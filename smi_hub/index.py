@@ -1,14 +1,7 @@
 """Cosine-similarity nearest-neighbour index: exact (torch or faiss) or approximate (faiss).
 
-Kinds (faiss ``index_factory`` strings on L2-normalized vectors, inner product):
-
-- ``flat``: exact search, vectors in memory (torch matmul + top-k, or faiss ``IndexFlatIP``);
-- ``ivf`` (``IVF{nlist},Flat``), ``ivfsq`` (``IVF{nlist},SQfp16``: 2 bytes per dimension, or
-  ``SQ8``: 1 byte, when 16-bit does not fit the memory budget),
-  ``ivfpq`` (``IVF{nlist},PQ{m}x4fs``: 4-bit fast-scan PQ, m / 2 bytes per vector),
-  ``hnsw`` (``HNSW32,Flat``);
-- ``auto``: picks one from the vector count and a memory budget, as autofaiss does: exact
-  ``flat`` up to :data:`FLAT_MAX` vectors, else the most precise IVF kind whose vectors fit.
+The kinds (``flat``, ``ivf``, ``ivfsq``, ``ivfpq``, ``hnsw``, ``auto``) and how ``auto`` picks
+one from the vector count and a memory budget: :mod:`smi_hub.index_kinds`.
 
 Approximate indexes are built from a :class:`~smi_hub.FeatureStore` (or a tensor) shard by
 shard with :meth:`EmbeddingIndex.build`: trained on a sample, vectors added in chunks, then
@@ -16,19 +9,17 @@ the search knob (``nprobe`` / ``efSearch``) is tuned to a target recall@10 again
 on a held-out sample of queries, and that recall is recorded in ``metadata["build"]``.
 
 Saved as a folder, replaced as a whole (``fileio.atomic_folder``): ``index.json`` (labels,
-kind, metadata, sha256 of every other file, checked on load) and ``embeddings.safetensors``
-(``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on load), and ``vectors.npy``
-when the index re-ranks on the float vectors (``refine``, :mod:`smi_hub.refine`). Nothing is
-pickled.
+kind, metadata, sha256 of every other file, checked on load: :mod:`smi_hub.index_format`) and
+``embeddings.safetensors`` (``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on
+load), and ``vectors.npy`` when the index re-ranks on the float vectors (``refine``,
+:mod:`smi_hub.refine`). Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,9 +31,31 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from smi_hub.argtypes import in_range, parse_bytes
-from smi_hub.errors import NonFiniteError, SMIHubError
+from smi_hub.errors import SMIHubError
 from smi_hub.feature_store import FeatureStore
 from smi_hub.fileio import recover_folder
+from smi_hub.index_format import (
+    EMBEDDINGS_NAME,
+    FAISS_NAME,
+    INDEX_FORMAT,
+    INDEX_NAME,
+    check_index_info,
+    load_vectors,
+    sha256_file,
+)
+from smi_hub.index_kinds import (
+    DEFAULT_BUDGET,
+    KINDS,
+    KNOBS,
+    PQ_MIN_TRAIN,
+    check_knob,
+    factory_string,
+    kind_of,
+    nlist,
+    shortfall_reason,
+    warn_unused_knobs,
+)
+from smi_hub.index_vectors import as_matrix, check_finite, exact_topk, normalize, recall_at_k
 from smi_hub.mmap_tensors import mmap_tensor
 from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
 from smi_hub.outputs import claim_output_dir, commit_folder
@@ -58,36 +71,7 @@ from smi_hub.refine import (
     tune_k_factor,
 )
 
-INDEX_FORMAT = 2
-EMBEDDINGS_NAME = "embeddings.safetensors"
-FAISS_NAME = "index.faiss"
-INDEX_NAME = "index.json"
-KINDS = ("flat", "ivf", "ivfsq", "ivfpq", "hnsw", "auto")
-FLAT_MAX = 100_000  # auto: exact search up to this many vectors (a few ms per query)
-DEFAULT_BUDGET = 2 << 30
-KNOBS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-PQ_MIN_TRAIN = 39 * 16  # ivfpq: faiss' 39 points for each of a 4-bit codebook's 16 centroids
 PROGRESS_MIN = 50_000  # build(progress=None): a progress bar from this many vectors on
-
-
-def _warn_unused_knobs(
-    kind: str, nprobe: int | None, ef_search: int | None, refine: Any = None
-) -> None:
-    """One warning for a search knob the index ``kind`` does not have (it would be ignored)."""
-    unused = [
-        name
-        for name, value, kinds in (("nprobe", nprobe, ("ivf", "ivfsq", "ivfpq")),
-                                   ("ef_search", ef_search, ("hnsw",)),
-                                   ("refine", refine or None, ("ivfsq", "ivfpq")))
-        if value is not None and kind not in kinds
-    ]  # fmt: skip
-    if unused:
-        what = "exact search" if kind == "flat" else "no such knob"
-        warnings.warn(
-            f"{' and '.join(unused)} ignored: a {kind} index has {what} (nprobe is for IVF "
-            "kinds, ef_search for hnsw, refine for compressed codes: ivfsq, ivfpq).",
-            stacklevel=3,
-        )
 
 
 class SearchResult(NamedTuple):
@@ -98,131 +82,6 @@ class SearchResult(NamedTuple):
     scores: torch.Tensor
     indices: torch.Tensor
     labels: list[list[Any]]
-
-
-def _as_matrix(x: Any, name: str) -> torch.Tensor:
-    if hasattr(x, "features") and isinstance(x.features, torch.Tensor):
-        x = x.features  # a FeatureResult
-    x = torch.as_tensor(x)
-    if x.ndim == 1:
-        x = x.unsqueeze(0)
-    if x.ndim != 2:
-        raise ValueError(
-            f"{name} must be N x D vectors, got shape {tuple(x.shape)}; pool spatial features "
-            "first (extract_features(..., layer='pooled'))."
-        )
-    return x.detach().to("cpu", torch.float32)
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=1, eps=1e-12)
-
-
-def check_finite(
-    x: torch.Tensor,
-    name: str,
-    offset: int = 0,
-    zero: bool = False,
-    ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x`` (N x D) unless a row holds NaN or infinity (or, with ``zero``, is all zeros: no
-    direction to compare); then :class:`~smi_hub.errors.NonFiniteError` naming the rows. Such
-    a row would match every query (torch) or none (faiss), so it is refused where it enters.
-    Rows are named as ``offset + position``, or ``ids[position]`` when given."""
-    bad = ~torch.isfinite(x).all(dim=1)
-    if zero:
-        bad |= (x == 0).all(dim=1)
-    if bool(bad.any()):
-        found = bad.nonzero().flatten()
-        rows = (found + offset if ids is None else ids[found]).tolist()
-        shown = ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
-        what = "NaN, infinite or all-zero" if zero else "NaN or infinite"
-        raise NonFiniteError(
-            f"{len(rows)} of the {name} hold {what} values (rows {shown}); cosine search needs "
-            "finite, non-zero vectors. Check the model's weights and the inputs that produced "
-            "them (smi-hub extract refuses non-finite features)."
-        )
-    return x
-
-
-def _knob(value: Any, name: str) -> int | None:
-    return None if value is None else int(in_range(value, name, 1, integer=True))
-
-
-def _nlist(n: int) -> int:
-    """IVF cells: a power of two near 4 sqrt(n), at most n / 39 (faiss' training minimum)."""
-    target = max(1, min(4 * int(n**0.5), n // 39))
-    return 1 << max(0, target.bit_length() - 1)
-
-
-def _ivf_bytes(n: int, dim: int, code_bytes: float) -> float:
-    """Memory of an IVF index of ``n`` vectors stored in ``code_bytes`` per dimension: the codes
-    with a 10% margin for inverted lists growing as vectors are added, plus the centroids, the
-    ids and some slack."""
-    return 1.1 * n * dim * code_bytes + _nlist(n) * dim * 4 + n * 8 + (64 << 20)
-
-
-def factory_string(kind: str, n: int, dim: int, memory_budget: int = DEFAULT_BUDGET) -> str:
-    """The faiss ``index_factory`` string of ``kind`` for ``n`` vectors of ``dim``
-    (``auto``: chosen for the budget; see the module docstring)."""
-    nlist = _nlist(n)
-    if kind == "auto":
-        if n <= FLAT_MAX and n * dim * 4 <= memory_budget:
-            kind = "flat"
-        elif _ivf_bytes(n, dim, 4) <= memory_budget:
-            kind = "ivf"
-        elif _ivf_bytes(n, dim, 1) <= memory_budget:
-            kind = "ivfsq"
-        else:
-            kind = "ivfpq"
-    if kind == "flat":
-        return "Flat"
-    if kind == "ivf":
-        return f"IVF{nlist},Flat"
-    if kind == "ivfsq":  # 16-bit floats when they fit the budget, else 8-bit codes
-        fp16 = _ivf_bytes(n, dim, 2) <= memory_budget
-        return f"IVF{nlist},{'SQfp16' if fp16 else 'SQ8'}"
-    if kind == "ivfpq":  # 4-bit fast-scan PQ: m / 2 bytes per vector
-        m = dim // 2 if dim % 2 == 0 else dim
-        while m % 4 == 0 and n * (m // 2 + 8) > memory_budget:
-            m //= 2
-        return f"IVF{nlist},PQ{m}x4fs"
-    if kind == "hnsw":
-        return "HNSW32,Flat"
-    raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}.")
-
-
-def _kind_of(factory: str) -> str:
-    if factory == "Flat":
-        return "flat"
-    if factory.startswith("HNSW"):
-        return "hnsw"
-    return {"Flat": "ivf", "SQ8": "ivfsq", "SQfp16": "ivfsq"}.get(factory.split(",")[1], "ivfpq")
-
-
-def _exact_topk(
-    queries: torch.Tensor, chunks: Iterator[torch.Tensor], k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact cosine top-k of normalized ``queries`` over normalized row chunks, streamed."""
-    best_s = torch.full((queries.shape[0], 0), -2.0)
-    best_i = torch.empty((queries.shape[0], 0), dtype=torch.long)
-    offset = 0
-    for chunk in chunks:
-        s = queries @ chunk.T
-        kk = min(k, s.shape[1])
-        top = torch.topk(s, kk, dim=1)
-        best_s = torch.cat([best_s, top.values], dim=1)
-        best_i = torch.cat([best_i, top.indices + offset], dim=1)
-        keep = torch.topk(best_s, min(k, best_s.shape[1]), dim=1)
-        best_s, best_i = keep.values, torch.gather(best_i, 1, keep.indices)
-        offset += chunk.shape[0]
-    return best_s, best_i
-
-
-def recall_at_k(found: torch.Tensor, truth: torch.Tensor) -> float:
-    """Mean fraction of the exact top-k (``truth``, Q x k) found in ``found`` (Q x k)."""
-    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
-    return hits / truth.numel()
 
 
 class EmbeddingIndex:
@@ -269,8 +128,8 @@ class EmbeddingIndex:
         self.metadata: dict[str, Any] = dict(metadata or {})
         self.embeddings: torch.Tensor | None = torch.empty(0, dim or 0)
         self.labels: list[Any] = []
-        self.nprobe = _knob(nprobe, "nprobe")
-        self.ef_search = _knob(ef_search, "ef_search")
+        self.nprobe = check_knob(nprobe, "nprobe")
+        self.ef_search = check_knob(ef_search, "ef_search")
         self.refine = check_refine(refine)
         conflict = refine_conflict(kind, self.refine)
         if conflict:
@@ -302,7 +161,7 @@ class EmbeddingIndex:
         if self.factory is None:
             assert self.dim is not None
             self.factory = factory_string(self.kind, n, self.dim, self.memory_budget)
-            was_auto, self.kind = self.kind == "auto", _kind_of(self.factory)
+            was_auto, self.kind = self.kind == "auto", kind_of(self.factory)
             self.refine = resolve_refine(
                 self.refine, was_auto, self.kind, self.factory, n, self.dim, self.disk_budget
             )
@@ -322,7 +181,7 @@ class EmbeddingIndex:
 
     def train(self, sample: Any) -> EmbeddingIndex:
         """Train an approximate index on a sample of the vectors (flat needs none)."""
-        x = _normalize(check_finite(_as_matrix(sample, "sample"), "sample vectors"))
+        x = normalize(check_finite(as_matrix(sample, "sample"), "sample vectors"))
         if self.dim is None:
             self.dim = x.shape[1]
         self._resolve(x.shape[0])
@@ -351,7 +210,7 @@ class EmbeddingIndex:
         is first trained on these vectors."""
         if labels is None and hasattr(embeddings, "paths"):
             labels = list(embeddings.paths)
-        x = check_finite(_as_matrix(embeddings, "embeddings"), "embeddings", len(self))
+        x = check_finite(as_matrix(embeddings, "embeddings"), "embeddings", len(self))
         if self.dim is None:
             self.dim = x.shape[1]
         if x.shape[1] != self.dim:
@@ -362,7 +221,7 @@ class EmbeddingIndex:
         if len(labels) != x.shape[0]:
             raise ValueError(f"{x.shape[0]} vectors but {len(labels)} labels.")
         self._resolve(x.shape[0])
-        x = _normalize(x)
+        x = normalize(x)
         if self.kind == "flat":
             assert self.embeddings is not None
             if self.embeddings.shape[1] != self.dim:  # still the placeholder of an empty index
@@ -416,7 +275,9 @@ class EmbeddingIndex:
         in_range(target_recall, "target_recall", 0.0, 1.0)
         in_range(queries, "queries", 0, integer=True)
         in_range(chunk_size, "chunk_size", 1, integer=True)
-        _knob(train_size, "train_size"), _knob(nprobe, "nprobe"), _knob(ef_search, "ef_search")
+        check_knob(train_size, "train_size")
+        check_knob(nprobe, "nprobe")
+        check_knob(ef_search, "ef_search")
         t0 = time.perf_counter()
         if isinstance(vectors, FeatureStore):
             store = vectors
@@ -428,7 +289,7 @@ class EmbeddingIndex:
                 for k, part in enumerate(store):
                     if part.shape[0]:
                         part = part.reshape(part.shape[0], -1).float()
-                        yield _normalize(check_finite(part, "stored rows", store.offsets[k]))
+                        yield normalize(check_finite(part, "stored rows", store.offsets[k]))
 
             def rows(ids: torch.Tensor) -> torch.Tensor:
                 out = torch.empty(len(ids), dim)
@@ -440,20 +301,20 @@ class EmbeddingIndex:
                         feats = store.shard(k)["features"].reshape(hi - lo, -1)
                         out[pos : pos + len(sel)] = feats[sel - lo]
                         pos += len(sel)
-                return _normalize(check_finite(out, "stored rows", ids=ids))
+                return normalize(check_finite(out, "stored rows", ids=ids))
 
         else:
-            matrix = check_finite(_as_matrix(vectors, "vectors"), "vectors")
+            matrix = check_finite(as_matrix(vectors, "vectors"), "vectors")
             if labels is None and hasattr(vectors, "paths"):
                 labels = list(vectors.paths)
             n, dim = matrix.shape
 
             def chunks() -> Iterator[torch.Tensor]:
                 for i in range(0, n, chunk_size):
-                    yield _normalize(matrix[i : i + chunk_size])
+                    yield normalize(matrix[i : i + chunk_size])
 
             def rows(ids: torch.Tensor) -> torch.Tensor:
-                return _normalize(matrix[ids])
+                return normalize(matrix[ids])
 
         if n == 0:
             raise ValueError("No vectors to index.")
@@ -473,7 +334,7 @@ class EmbeddingIndex:
         index._resolve(n)
         if index.refine:  # the float vectors, on a temporary file until saved
             index._vectors = RefineVectors.empty(n, dim)
-        _warn_unused_knobs(index.kind, nprobe, ef_search)
+        warn_unused_knobs(index.kind, nprobe, ef_search)
         bar = tqdm(
             total=n, desc=f"index {index.factory}", unit="vec", unit_scale=True,
             disable=not (progress if progress is not None else n >= PROGRESS_MIN),
@@ -490,7 +351,7 @@ class EmbeddingIndex:
         t_train = 0.0
         train_ids = torch.empty(0, dtype=torch.long)
         if index.kind != "flat":  # HNSW needs no training: a token sample creates it
-            want = train_size or (1000 if index.kind == "hnsw" else max(10_000, 64 * _nlist(n)))
+            want = train_size or (1000 if index.kind == "hnsw" else max(10_000, 64 * nlist(n)))
             train_ids = perm[: min(n, want)].sort().values
             t1 = time.perf_counter()
             bar.set_postfix_str(f"training on {len(train_ids)} vectors")
@@ -524,11 +385,11 @@ class EmbeddingIndex:
             rest = perm[len(train_ids) :] if len(train_ids) < n else perm
             q = rows(rest[:queries].sort().values)
             k = min(10, n)
-            _, truth = _exact_topk(q, chunks(), k)
+            _, truth = exact_topk(q, chunks(), k)
             knob = "efSearch" if index.kind == "hnsw" else "nprobe"
             bar.set_postfix_str(f"tuning {knob} on {q.shape[0]} queries")
             given = ef_search if index.kind == "hnsw" else nprobe
-            limit = 4096 if index.kind == "hnsw" else _nlist(n)
+            limit = 4096 if index.kind == "hnsw" else nlist(n)
             low = 16 if index.kind == "hnsw" else 1  # faiss' HNSW uses max(efSearch, k) anyway
             candidates = [given] if given else [v for v in KNOBS if low <= v <= limit] or [1]
             value, recall = candidates[0], -1.0
@@ -557,30 +418,10 @@ class EmbeddingIndex:
                 {"queries": int(q.shape[0]), "recall_at_10": round(recall, 4), knob: value}
             )
             if recall < target_recall:
-                if given:
-                    why = f"with the given {knob} {value}; a larger one raises recall"
-                elif index.kind in ("ivfpq", "ivfsq"):
-                    # the next, less compressed codes: bytes per dimension and their kind
-                    if index.kind == "ivfpq":
-                        code, name = 1, "8-bit scalar codes (kind='ivfsq')"
-                    elif "SQ8" in index.factory:
-                        code, name = 2, "16-bit floats (kind='ivfsq')"
-                    else:
-                        code, name = 4, "uncompressed vectors (kind='ivf')"
-                    need = _ivf_bytes(n, dim, code)
-                    fix = (
-                        f"{name} fit the memory_budget"
-                        if need <= index.memory_budget
-                        else f"{name} need a memory_budget of about {need / 2**30:.1f} GiB "
-                        f"(now {index.memory_budget / 2**30:.2f} GiB)"
-                    )
-                    redo = f"a larger refine than {index.refine}" if index.refine else "refine=8"
-                    why = (
-                        f"at the best {knob} ({value}): the codes' compression is the limit; {fix}"
-                        f", or re-rank on the float vectors ({redo})"
-                    )
-                else:
-                    why = f"at the best {knob} ({value}; a larger one stopped helping)"
+                why = shortfall_reason(
+                    index.kind, index.factory, n, dim, index.memory_budget, index.refine,
+                    knob, value, bool(given),
+                )  # fmt: skip
                 refined = f" re-ranking k x {index.refine}" if index.refine else ""
                 warnings.warn(
                     f"recall@10 {recall:.3f} on {q.shape[0]} held-out queries is below "
@@ -624,13 +465,13 @@ class EmbeddingIndex:
         call."""
         if len(self) == 0:
             raise ValueError("The index is empty; add() embeddings first.")
-        q = _normalize(check_finite(_as_matrix(queries, "queries"), "queries", zero=True))
-        nprobe, ef_search = _knob(nprobe, "nprobe"), _knob(ef_search, "ef_search")
+        q = normalize(check_finite(as_matrix(queries, "queries"), "queries", zero=True))
+        nprobe, ef_search = check_knob(nprobe, "nprobe"), check_knob(ef_search, "ef_search")
         if q.shape[1] != self.dim:
             raise ValueError(f"This index holds {self.dim}-d vectors, queries are {q.shape[1]}-d.")
         k = max(1, min(int(k), len(self)))
         refine = None if refine is None else check_refine(refine)
-        _warn_unused_knobs(self.kind, nprobe, ef_search, refine)
+        warn_unused_knobs(self.kind, nprobe, ef_search, refine)
         if self.kind in FLOAT_KINDS:
             refine = 0
         if self.kind == "flat" and self.backend == "torch":
@@ -684,10 +525,10 @@ class EmbeddingIndex:
             else:
                 name = FAISS_NAME
                 _import_faiss().write_index(self._faiss, str(tmp / name))
-            files = {name: _sha256_file(tmp / name)}
+            files = {name: sha256_file(tmp / name)}
             if self._vectors is not None:
                 self._vectors.save(tmp / VECTORS_NAME)
-                files[VECTORS_NAME] = _sha256_file(tmp / VECTORS_NAME)
+                files[VECTORS_NAME] = sha256_file(tmp / VECTORS_NAME)
             info = {
                 "format": "smi-hub-index",
                 "format_version": INDEX_FORMAT,
@@ -730,7 +571,7 @@ class EmbeddingIndex:
         path = folder / name
         if not path.is_file():
             raise SMIHubError(f"{folder} is not a complete index ({name} is missing); rebuild it.")
-        if info["files"][name] != _sha256_file(path):
+        if info["files"][name] != sha256_file(path):
             raise SMIHubError(
                 f"{path}: sha256 differs from {INDEX_NAME}'s record; the index folder is "
                 "damaged or mixed with another index's files. Rebuild it."
@@ -765,7 +606,7 @@ class EmbeddingIndex:
                 index.embeddings = None
                 ok = index._faiss.ntotal == info["count"] and index._faiss.d == info["dim"]
                 if index.refine:
-                    index._vectors = _load_vectors(folder, info, mmap)
+                    index._vectors = load_vectors(folder, info, mmap)
                     ok = ok and index._vectors.array.shape == (info["count"], info["dim"])
         except SMIHubError:
             raise
@@ -774,82 +615,6 @@ class EmbeddingIndex:
         if not ok or len(index.labels) != info["count"]:
             raise SMIHubError(f"{folder}: {INDEX_NAME} and {name} disagree; rebuild it.")
         return index
-
-
-def _load_vectors(folder: Path, info: dict[str, Any], mmap: bool) -> RefineVectors:
-    """The float vectors a refined index re-ranks on, checked against ``index.json``."""
-    path = folder / VECTORS_NAME
-    if not path.is_file() or info["files"].get(VECTORS_NAME) != _sha256_file(path):
-        raise SMIHubError(
-            f"{path} is missing or its sha256 differs from {INDEX_NAME}'s record (this index "
-            "re-ranks on it: refine); the index folder is damaged. Rebuild it."
-        )
-    return RefineVectors.load(path, mmap)
-
-
-def _fail(meta_path: Path, field: str, problem: str) -> SMIHubError:
-    return SMIHubError(
-        f"{meta_path}: {field} {problem}; the file is damaged or was edited by hand. Rebuild the "
-        "index with `smi-hub index FOLDER -o INDEX_DIR` (or EmbeddingIndex.save())."
-    )
-
-
-def check_index_info(info: Any, meta_path: Path) -> tuple[str, str]:
-    """Check every field of an ``index.json`` (any format version: none switches a check off,
-    and every version must record the sha256 of its vectors file); returns the kind and the
-    vectors file name. Raises :class:`SMIHubError` naming the field."""
-    if not isinstance(info, dict):
-        raise _fail(meta_path, "the top level", f"is a JSON {type(info).__name__}, not an object")
-    version = info.get("format_version")
-    if info.get("format") != "smi-hub-index" or not (
-        isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= INDEX_FORMAT
-    ):
-        raise SMIHubError(
-            f"{meta_path} is not an smi-hub index this version reads (format "
-            f"{info.get('format')!r} version {version!r}; this smi-hub reads versions 1 to "
-            f"{INDEX_FORMAT})."
-        )
-    kind = info.get("kind")
-    if kind not in KINDS or kind == "auto":
-        raise _fail(meta_path, "kind", f"is {kind!r}, not one of {list(KINDS[:-1])}")
-    count, dim = info.get("count"), info.get("dim")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-        raise _fail(meta_path, "count", f"is {count!r}, not a number of vectors")
-    if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1) and not (
-        count == 0 and dim in (None, 0)
-    ):
-        raise _fail(meta_path, "dim", f"is {dim!r}, not a vector length >= 1")
-    if not isinstance(info.get("labels"), list) or len(info["labels"]) != count:
-        raise _fail(meta_path, "labels", f"is not a list of {count} labels: it and count disagree")
-    if not isinstance(info.get("factory"), str):
-        raise _fail(meta_path, "factory", f"is {info.get('factory')!r}, not a faiss factory string")
-    for knob in ("nprobe", "ef_search"):
-        value = info.get(knob)
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
-                                      and value >= 1):  # fmt: skip
-            raise _fail(meta_path, knob, f"is {value!r}, not null or an integer >= 1")
-    refine = info.get("refine", 0)
-    if not (isinstance(refine, int) and not isinstance(refine, bool) and refine >= 0):
-        raise _fail(meta_path, "refine", f"is {refine!r}, not an integer >= 0 (0: off)")
-    if not isinstance(info.get("metadata", {}), dict | None):
-        raise _fail(meta_path, "metadata", "is not an object")
-    name = EMBEDDINGS_NAME if kind == "flat" else FAISS_NAME
-    files = info.get("files")
-    digest = files.get(name) if isinstance(files, dict) else None
-    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-        raise _fail(
-            meta_path, f"files[{name!r}]", "does not hold the sha256 of the vectors file, so "
-            "they cannot be verified (every index version records one)",
-        )  # fmt: skip
-    return kind, name
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _import_faiss() -> Any:

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import smi_hub.index
+import smi_hub.index_kinds
 from smi_hub import EmbeddingIndex, FeatureStore, SMIHubError
+from smi_hub.argtypes import parse_bytes
 from smi_hub.feature_store import StoreWriter
-from smi_hub.index import factory_string, parse_bytes, recall_at_k
+from smi_hub.index_kinds import factory_string
+from smi_hub.index_vectors import recall_at_k
 
 # faiss ANN builds, 1-25 s each; test_index.py and test_index_mutants.py stay fast
 pytestmark = pytest.mark.slow
@@ -103,7 +105,7 @@ def test_auto_choice_follows_count_and_budget(data, monkeypatch):
     assert np.array_equal(
         small.search(queries, 10).indices.numpy(), brute_force(db[:5000], queries, 10)
     )
-    monkeypatch.setattr(smi_hub.index, "FLAT_MAX", 1000)  # a "large" collection, quickly
+    monkeypatch.setattr(smi_hub.index_kinds, "FLAT_MAX", 1000)  # a "large" collection, quickly
     big = EmbeddingIndex.build(db, kind="auto", memory_budget=(64 << 20) + 20000 * 32 * 2)
     assert big.kind == "ivfsq" and big.metadata["build"]["recall_at_10"] >= 0.95
 

@@ -18,6 +18,9 @@ import pytest
 import torch
 
 import smi_hub.index as I
+import smi_hub.index_format as F
+import smi_hub.index_kinds as K
+import smi_hub.index_vectors as V
 from smi_hub import EmbeddingIndex, SMIHubError
 from smi_hub.feature_store import StoreWriter
 from smi_hub.features import FeatureResult
@@ -86,18 +89,18 @@ def test_nlist_is_the_largest_power_of_two_under_the_target():
         p = 1
         while p * 2 <= target:
             p *= 2
-        assert I._nlist(n) == p, n
+        assert K.nlist(n) == p, n
 
 
 def test_factory_strings_at_their_edges():
     n, d = 1_000_000, 64
-    nlist = I._nlist(n)
+    nlist = K.nlist(n)
     overhead = nlist * d * 4 + n * 8 + (64 << 20)
-    fs = I.factory_string
+    fs = K.factory_string
     # flat: both bounds inclusive
-    assert fs("auto", I.FLAT_MAX, d, I.FLAT_MAX * d * 4) == "Flat"
-    assert fs("auto", I.FLAT_MAX, d, I.FLAT_MAX * d * 4 - 1).startswith("IVF")
-    assert fs("auto", I.FLAT_MAX + 1, d, 1 << 40) == f"IVF{I._nlist(I.FLAT_MAX + 1)},Flat"
+    assert fs("auto", K.FLAT_MAX, d, K.FLAT_MAX * d * 4) == "Flat"
+    assert fs("auto", K.FLAT_MAX, d, K.FLAT_MAX * d * 4 - 1).startswith("IVF")
+    assert fs("auto", K.FLAT_MAX + 1, d, 1 << 40) == f"IVF{K.nlist(K.FLAT_MAX + 1)},Flat"
     ivf_need = int(np.ceil(1.1 * n * d * 4 + overhead))
     assert fs("auto", n, d, ivf_need) == f"IVF{nlist},Flat"
     assert fs("auto", n, d, ivf_need - 1) == f"IVF{nlist},SQfp16"
@@ -114,7 +117,7 @@ def test_factory_strings_at_their_edges():
     assert fs("ivfpq", n, 24, 1) == f"IVF{nlist},PQ6x4fs"  # 12 -> 6, not a multiple of 4
     assert fs("ivfpq", n, 15, 1) == f"IVF{nlist},PQ15x4fs"
     assert fs("ivfpq", n, 6, 1) == f"IVF{nlist},PQ3x4fs"
-    assert fs("ivf", 5000, d) == f"IVF{I._nlist(5000)},Flat"
+    assert fs("ivf", 5000, d) == f"IVF{K.nlist(5000)},Flat"
     assert fs("hnsw", n, d) == "HNSW32,Flat" and fs("flat", n, d) == "Flat"
     assert fs("ivfsq", n, d) == f"IVF{nlist},SQfp16"  # default budget: 2 GiB
     with pytest.raises(ValueError) as e:
@@ -130,22 +133,22 @@ def test_factory_strings_at_their_edges():
         ("IVF8,SQfp16", "ivfsq"),
         ("IVF8,PQ4x4fs", "ivfpq"),
     ]:
-        assert I._kind_of(factory) == kind, factory
+        assert K.kind_of(factory) == kind, factory
 
 
 # ---- exact search helpers ---------------------------------------------------------------
 
 
 def test_exact_topk_streamed_over_chunks(db):
-    q = I._normalize(clustered(7, 16, seed=5))
-    x = I._normalize(db[:50])
+    q = V.normalize(clustered(7, 16, seed=5))
+    x = V.normalize(db[:50])
     ref_s, ref_i = brute(db[:50], clustered(7, 16, seed=5), 6)
     for size in (50, 13, 4, 1):
-        s, i = I._exact_topk(q, iter(x.split(size)), 6)
+        s, i = V.exact_topk(q, iter(x.split(size)), 6)
         assert np.array_equal(i.numpy(), ref_i), size
         np.testing.assert_allclose(s.numpy(), ref_s, atol=1e-6)
         assert i.dtype == torch.long  # float32 row numbers are inexact past 2**24 rows
-    s, i = I._exact_topk(q, iter(x[:3].split(2)), 6)  # fewer rows than k
+    s, i = V.exact_topk(q, iter(x[:3].split(2)), 6)  # fewer rows than k
     assert i.shape == (7, 3) and np.array_equal(
         i.numpy(), brute(db[:3], clustered(7, 16, seed=5), 3)[1]
     )
@@ -154,9 +157,9 @@ def test_exact_topk_streamed_over_chunks(db):
 def test_recall_at_k_counts_overlaps():
     truth = torch.tensor([[1, 2, 3], [4, 5, 6]])
     found = torch.tensor([[3, 9, 1], [7, 8, 4]])
-    assert I.recall_at_k(found, truth) == recall(found.numpy(), truth.numpy()) == 3 / 6
+    assert V.recall_at_k(found, truth) == recall(found.numpy(), truth.numpy()) == 3 / 6
     with pytest.raises(ValueError):
-        I.recall_at_k(found[:1], truth)
+        V.recall_at_k(found[:1], truth)
 
 
 # ---- building and adding ----------------------------------------------------------------
@@ -182,9 +185,9 @@ def test_auto_resolves_on_the_first_vectors(db, monkeypatch):
     small = EmbeddingIndex(kind="auto").add(db[:100])
     assert (small.kind, small.factory, small.backend) == ("flat", "Flat", "torch")
     assert small.embeddings.shape == (100, 16)
-    monkeypatch.setattr(I, "FLAT_MAX", 10)
+    monkeypatch.setattr(K, "FLAT_MAX", 10)
     big = EmbeddingIndex(kind="auto").add(db)
-    assert (big.kind, big.factory, big.backend) == ("ivf", f"IVF{I._nlist(3000)},Flat", "faiss")
+    assert (big.kind, big.factory, big.backend) == ("ivf", f"IVF{K.nlist(3000)},Flat", "faiss")
     assert big.embeddings is None and big._faiss.is_trained and big._faiss.ntotal == 3000
     ivf = faiss.extract_index_ivf(big._faiss)
     assert ivf.cp.niter == 10 and big._faiss.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -199,7 +202,7 @@ def test_add_labels_and_checks(db):
     index.add(FeatureResult(features=db[5:7], paths=["a.png", "b.png"]))
     index.add(db[7:9], labels=range(100, 102))
     assert index.labels == [0, 1, 2, 3, 4, "a.png", "b.png", 100, 101]
-    torch.testing.assert_close(index.embeddings, I._normalize(db[:9]))
+    torch.testing.assert_close(index.embeddings, V.normalize(db[:9]))
     with pytest.raises(ValueError) as e:
         index.add(db[:2, :8])
     assert str(e.value) == "This index holds 16-d vectors, got 8-d."
@@ -253,7 +256,7 @@ def test_train_and_untrained_add(db):
     flat = EmbeddingIndex()
     assert flat.train(db[:10]) is flat and flat._faiss is None and flat.dim == 16
     trained = EmbeddingIndex(kind="ivf").train(db[:2000])  # cells from the vector count
-    assert trained.factory == f"IVF{I._nlist(2000)},Flat" and trained._faiss.ntotal == 0
+    assert trained.factory == f"IVF{K.nlist(2000)},Flat" and trained._faiss.ntotal == 0
     with pytest.raises(ValueError) as e:
         EmbeddingIndex(kind="ivf").train(torch.zeros(3, 4, 5))
     assert str(e.value).startswith("sample must be N x D vectors, got shape (3, 4, 5)")
@@ -277,7 +280,7 @@ def _check_tuning(db: torch.Tensor, targets: tuple[float, ...]) -> set[int]:
     """Builds with every target; returns the chosen nprobe values."""
     n = len(db)
     truth = brute(db, db, 10)[1]
-    nlist = I._nlist(n)
+    nlist = K.nlist(n)
     per_knob, chosen = {}, set()
     for target in targets:
         t0 = time.perf_counter()
@@ -285,7 +288,7 @@ def _check_tuning(db: torch.Tensor, targets: tuple[float, ...]) -> set[int]:
         wall = time.perf_counter() - t0
         report = index.metadata["build"]
         if not per_knob:
-            for v in [v for v in I.KNOBS if v <= nlist]:
+            for v in [v for v in K.KNOBS if v <= nlist]:
                 found = index.search(db, k=10, nprobe=v).indices.numpy()
                 per_knob[v] = recall(found, truth)
         # the smallest knob reaching the target, or the last one before recall stops rising
@@ -315,15 +318,15 @@ def test_build_report_and_knob_tuning_follow_the_documented_rule():
     n = len(db)
     assert len(_check_tuning(db, (0.5, 0.8, 0.9, 0.98, 1.0))) == 5
     # a target met exactly stops there: build measures with the float32 exact top-k
-    x = I._normalize(db)
-    exact = I._exact_topk(x, iter([x]), 10)[1]
+    x = V.normalize(db)
+    exact = V.exact_topk(x, iter([x]), 10)[1]
     probe = EmbeddingIndex.build(db, kind="ivf", train_size=n, queries=0)
-    r4 = I.recall_at_k(probe.search(x, k=10, nprobe=4).indices, exact)
+    r4 = V.recall_at_k(probe.search(x, k=10, nprobe=4).indices, exact)
     met = EmbeddingIndex.build(db, kind="ivf", train_size=n, queries=n, target_recall=r4)
     assert met.nprobe == 4 and met.metadata["build"]["recall_at_10"] == round(r4, 4)
     # separated clusters: recall reaches 1.0 early, the tuning stops where it stops rising
     separated = clustered(1200, 16, noise=0.3, seed=4)
-    assert max(_check_tuning(separated, (1.0,))) < I._nlist(1200)
+    assert max(_check_tuning(separated, (1.0,))) < K.nlist(1200)
     given = EmbeddingIndex.build(db, kind="ivf", nprobe=3, queries=50)
     assert given.nprobe == 3 and given.metadata["build"]["nprobe"] == 3
     assert (
@@ -351,7 +354,7 @@ def test_build_hnsw_and_sample_sizes(db):
     assert ivf.nprobe == 1 and ivf.metadata["build"]["train_vectors"] == 3000
     assert ivf.metadata["build"]["queries"] == 256
     flat = EmbeddingIndex.build(db, kind="flat", chunk_size=7)
-    torch.testing.assert_close(flat.embeddings, I._normalize(db))
+    torch.testing.assert_close(flat.embeddings, V.normalize(db))
     assert flat.metadata["build"]["train_vectors"] == 0 and "queries" not in flat.metadata["build"]
     assert flat.metadata["build"]["train_s"] == 0.0
     seeded = [
@@ -369,7 +372,7 @@ def test_build_hnsw_and_sample_sizes(db):
 @pytest.mark.slow
 def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
     seen = {}
-    train, exact = EmbeddingIndex.train, I._exact_topk
+    train, exact = EmbeddingIndex.train, I.exact_topk
 
     def spy_train(self, sample):
         seen["train"] = sample.clone()
@@ -380,13 +383,13 @@ def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
         return exact(queries, chunks, k)
 
     monkeypatch.setattr(EmbeddingIndex, "train", spy_train)
-    monkeypatch.setattr(I, "_exact_topk", spy_exact)
+    monkeypatch.setattr(I, "exact_topk", spy_exact)
     EmbeddingIndex.build(db, kind="ivf", train_size=2000, queries=1000)
     assert seen["train"].shape == (2000, 16) and seen["queries"].shape == (1000, 16)
     train_rows = {tuple(r) for r in seen["train"].tolist()}
     query_rows = {tuple(r) for r in seen["queries"].tolist()}
     assert len(query_rows) == 1000 and not train_rows & query_rows
-    assert train_rows | query_rows == {tuple(r) for r in I._normalize(db).tolist()}
+    assert train_rows | query_rows == {tuple(r) for r in V.normalize(db).tolist()}
 
 
 @pytest.mark.slow
@@ -396,7 +399,7 @@ def test_training_sample_size_grows_with_the_cells():
     assert mid.metadata["build"]["train_vectors"] == 12_000  # 64 x 256 cells > 12 000
     big = torch.randn(70_000, 4, generator=g)
     large = EmbeddingIndex.build(big, kind="ivf", queries=0)
-    assert I._nlist(70_000) == 1024 and large.metadata["build"]["train_vectors"] == 64 * 1024
+    assert K.nlist(70_000) == 1024 and large.metadata["build"]["train_vectors"] == 64 * 1024
     flat = EmbeddingIndex().add(big)  # more than 65 536 vectors: queries in blocks of 958
     q = big[:1000]
     got = flat.search(q, k=3).indices
@@ -424,7 +427,7 @@ def test_build_from_a_store_and_its_errors(db, tmp_path):
     assert a.metadata["build"]["recall_at_10"] == b.metadata["build"]["recall_at_10"]
     assert torch.equal(a.search(db[:30], 10).indices, b.search(db[:30], 10).indices)
     flat = EmbeddingIndex.build(store, kind="flat", labels=list(range(len(keep))))
-    torch.testing.assert_close(flat.embeddings, I._normalize(db[keep]))
+    torch.testing.assert_close(flat.embeddings, V.normalize(db[keep]))
     with pytest.raises(ValueError) as e:
         EmbeddingIndex.build(torch.zeros(2, 3, 4))
     assert str(e.value).startswith("vectors must be N x D vectors, got shape (2, 3, 4)")
@@ -567,7 +570,7 @@ def test_empty_indexes_round_trip(tmp_path):
 def test_file_digest_over_several_blocks(tmp_path):
     blob = np.random.default_rng(0).bytes(3 * (1 << 20) + 17)
     (tmp_path / "blob").write_bytes(blob)
-    assert I._sha256_file(tmp_path / "blob") == hashlib.sha256(blob).hexdigest()
+    assert F.sha256_file(tmp_path / "blob") == hashlib.sha256(blob).hexdigest()
 
 
 def _flat(tmp_path, db, name="f"):

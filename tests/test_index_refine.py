@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("faiss")
 
+import smi_hub.index_kinds as index_kinds  # noqa: E402
 from smi_hub import EmbeddingIndex  # noqa: E402
-from smi_hub import index as index_mod  # noqa: E402
 from smi_hub.errors import SMIHubError  # noqa: E402
-from smi_hub.index import recall_at_k  # noqa: E402
+from smi_hub.index_vectors import recall_at_k  # noqa: E402
 from smi_hub.refine import DEFAULT_K_FACTOR, VECTORS_NAME  # noqa: E402
 
 # faiss refine builds, about 45 s of CPU in all; test_index.py stays fast
@@ -105,7 +105,7 @@ def test_add_keeps_vectors_for_refine(data) -> None:
 
 def test_auto_turns_refine_on_for_lossy_codes_that_fit_the_disk(data, monkeypatch) -> None:
     vectors, queries = data
-    monkeypatch.setattr(index_mod, "FLAT_MAX", 1000)
+    monkeypatch.setattr(index_kinds, "FLAT_MAX", 1000)
     n, dim = vectors.shape
     small = n * dim  # too small for float vectors in memory: auto picks compressed codes
     on = EmbeddingIndex.build(vectors, kind="auto", memory_budget=small, queries=50)
@@ -156,7 +156,7 @@ def test_an_explicit_refine_that_auto_cannot_use_is_dropped_with_a_warning(
     silently; now the build says so, naming the kind picked."""
     vectors, queries = data
     if not small:
-        monkeypatch.setattr(index_mod, "FLAT_MAX", 1000)
+        monkeypatch.setattr(index_kinds, "FLAT_MAX", 1000)
     picked = "Flat" if small else "IVF"
     with pytest.warns(UserWarning, match=f"refine=8 dropped: kind='auto' picked {picked}"):
         index = EmbeddingIndex.build(vectors, kind="auto", refine=8, queries=50)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from smi_hub.cli import main as cli_main
-from smi_hub.index import PQ_MIN_TRAIN, EmbeddingIndex
+from smi_hub.index import EmbeddingIndex
+from smi_hub.index_kinds import PQ_MIN_TRAIN
 
 
 @pytest.fixture
