@@ -82,6 +82,25 @@ def test_grid_refuses_a_results_folder_made_with_other_settings(tmp_path, monkey
         study.main(["--out", str(tmp_path), *TINY, "--images", "128", "--tables", "random"])
 
 
+def test_report_averages_accuracy_over_seeds_and_takes_the_fastest_seeds_step(
+    tmp_path, monkeypatch
+):
+    """Accuracy: mean ± half range over seeds; step time: the least loaded seed's (a run
+    next to other jobs is slower, never faster); memory does not depend on the load."""
+
+    def run_cell(cell, p, out):
+        row = _fake_row(cell, p, out)
+        return {**row, "knn_top1": 50.0 + 2 * cell["seed"], "step_ms": 30.0 - 20 * cell["seed"]}
+
+    monkeypatch.setattr(study, "run_cell", run_cell)
+    study.main(["--out", str(tmp_path), *TINY, "--tables", "batch", "--seeds", "0", "1",
+                "--match", "smi-b32-*"])  # fmt: skip
+    text = report.write_report(tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 32 | SMI |"))
+    assert "| 51.0 ± 1.0 |" in row
+    assert row.endswith("| 10 | 0.3 | 100 |")  # step ms, ms/image, peak RSS
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_bytes_per_step_of_the_loss_and_of_ddp_gradients(tmp_path):
