@@ -69,6 +69,13 @@ def bytes_reference_bt(width: int) -> int:
     return width * width * 4
 
 
+def _table(title: str, header: str, rows: list[str]) -> list[str]:
+    """A titled markdown table, or nothing for a table none of whose cells were run."""
+    if not rows:
+        return []
+    return [f"\n{title}\n", header, "|---" * header.count(" | ") + "|---|", *rows]
+
+
 def tables(results: dict[str, Any]) -> str:
     """The three markdown tables (and the random-init reference row)."""
     p = results["settings"]["preset"]
@@ -87,60 +94,59 @@ def tables(results: dict[str, Any]) -> str:
                    f"{fmt(rand, 'linear_top1')}, 1-shot {_shots(rand, 1)}, 5-shot "
                    f"{_shots(rand, 5)}.\n")  # fmt: skip
     acc_head = "k-NN | linear | 1-shot (±sd over 5) | 5-shot (±sd over 5)"
-    out.append(f"**Batch size** (projector output {p['batch_width']}):\n")
-    out.append(
-        f"| batch | loss | steps | peak lr | {acc_head} | step ms | ms/image | peak RSS MB |"
-    )
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for b in sorted(p["batches"]):
         for loss in LOSS_NAMES:
-            rows = g.get((loss, b, p["batch_width"], "single"))
-            if rows:
-                step = fastest_step_ms(rows)
-                out.append(
-                    f"| {b} | {LOSS_NAMES[loss]} | {rows[0]['steps']} | {rows[0]['peak_lr']:g} | "
-                    f"{_acc_cells(rows)} | {step:.0f} | {step / b:.1f} | "
-                    f"{mean_spread(rows, 'peak_rss_mb')[0]:.0f} |"
+            if cells := g.get((loss, b, p["batch_width"], "single")):
+                step = fastest_step_ms(cells)
+                rows.append(
+                    f"| {b} | {LOSS_NAMES[loss]} | {cells[0]['steps']} | "
+                    f"{cells[0]['peak_lr']:g} | {_acc_cells(cells)} | {step:.0f} | "
+                    f"{step / b:.1f} | {mean_spread(cells, 'peak_rss_mb')[0]:.0f} |"
+                )
+    out += _table(f"**Batch size** (projector output {p['batch_width']}):",
+                  f"| batch | loss | steps | peak lr | {acc_head} | step ms | ms/image | "
+                  "peak RSS MB |", rows)  # fmt: skip
+    rows = []
+    for w in sorted(p["widths"]):
+        for loss in LOSS_NAMES:
+            if cells := g.get((loss, 256, w, "single")):
+                rows.append(
+                    f"| {w} | {LOSS_NAMES[loss]} | {cells[0]['num_params'] / 1e6:.2f} | "
+                    f"{_acc_cells(cells)} | {fastest_step_ms(cells):.0f} | "
+                    f"{mean_spread(cells, 'peak_rss_mb')[0]:.0f} |"
                 )
     hidden = p["hidden"]
     shape = "W-W-W" if hidden is None else f"{hidden}-{hidden}-W"
-    out.append(f"\n**Projector width** W (projector {shape}, batch 256):\n")
-    out.append(f"| W | loss | parameters (M) | {acc_head} | step ms | peak RSS MB |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
-    for w in sorted(p["widths"]):
-        for loss in LOSS_NAMES:
-            rows = g.get((loss, 256, w, "single"))
-            if rows:
-                out.append(
-                    f"| {w} | {LOSS_NAMES[loss]} | {rows[0]['num_params'] / 1e6:.2f} | "
-                    f"{_acc_cells(rows)} | {fastest_step_ms(rows):.0f} | "
-                    f"{mean_spread(rows, 'peak_rss_mb')[0]:.0f} |"
-                )
+    out += _table(f"**Projector width** W (projector {shape}, batch 256):",
+                  f"| W | loss | parameters (M) | {acc_head} | step ms | peak RSS MB |",
+                  rows)  # fmt: skip
     w, b = p["sync_width"], p["sync_batch"]
-    out.append(
-        f"\n**Synchronization** (2 processes, gloo, global batch {b} = 2 x {b // 2}, projector "
-        f"output {w}); MiB each process hands to collectives per step:\n"
-    )
-    out.append(f"| loss | loss computed on | loss MiB/step | DDP gradient MiB/step | {acc_head} "
-               "| step ms | peak RSS MB |")  # fmt: skip
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for loss, sync in (("smi", "local"), ("smi", "gathered"), ("barlow_twins", "gathered"),
                        ("vicreg", "gathered")):  # fmt: skip
-        rows = g.get((loss, b, w, sync))
-        if rows:
-            by = rows[0]["bytes_per_step"]
+        if cells := g.get((loss, b, w, sync)):
+            by = cells[0]["bytes_per_step"]
             where = "local batch" if sync == "local" else "gathered global batch"
-            out.append(
+            rows.append(
                 f"| {LOSS_NAMES[loss]} | {where} | {_mib(by.get('loss', 0))} | "
-                f"{_mib(by.get('ddp_grad', 0))} | {_acc_cells(rows)} | "
-                f"{fastest_step_ms(rows):.0f} | "
-                f"{mean_spread(rows, 'peak_rss_mb')[0]:.0f} |"
+                f"{_mib(by.get('ddp_grad', 0))} | {_acc_cells(cells)} | "
+                f"{fastest_step_ms(cells):.0f} | "
+                f"{mean_spread(cells, 'peak_rss_mb')[0]:.0f} |"
             )
-    out.append(
-        f"\nBarlow Twins' reference all-reduces its D x D cross-correlation instead of gathering "
-        f"the embeddings: {_mib(bytes_reference_bt(w))} MiB per step at D = {w}, "
-        f"{_mib(bytes_reference_bt(8192))} MiB at D = 8192 (computed: D x D x 4 bytes)."
+    out += _table(
+        f"**Synchronization** (2 processes, gloo, global batch {b} = 2 x {b // 2}, projector "
+        f"output {w}); MiB each process hands to collectives per step:",
+        f"| loss | loss computed on | loss MiB/step | DDP gradient MiB/step | {acc_head} "
+        "| step ms | peak RSS MB |",
+        rows,
     )
+    if rows:
+        out.append(
+            f"\nBarlow Twins' reference all-reduces its D x D cross-correlation instead of "
+            f"gathering the embeddings: {_mib(bytes_reference_bt(w))} MiB per step at D = {w}, "
+            f"{_mib(bytes_reference_bt(8192))} MiB at D = 8192 (computed: D x D x 4 bytes)."
+        )
     return "\n".join(out) + "\n"
 
 
@@ -162,6 +168,8 @@ def plots(results: dict[str, Any], images: Path) -> list[Path]:
         ("width", sorted(p["widths"]), lambda loss, x: (loss, 256, x, "single"),
          "projector output width (batch 256)"),
     ):  # fmt: skip
+        if not any(key_of(loss, x) in g for loss in LOSS_NAMES for x in xs):
+            continue  # a table none of whose cells were run has no plot
         fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
         for ax, metric, title in zip(
             axes, ("knn_top1", "linear_top1"), ("k-NN", "linear"), strict=True
@@ -186,10 +194,11 @@ def plots(results: dict[str, Any], images: Path) -> list[Path]:
         fig.savefig(path, dpi=80)
         plt.close(fig)
         paths.append(path)
+    synced = {k: rows for k, rows in g.items() if k[3] != "single" and k[0] != "none"}
+    if not synced:
+        return paths
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for (loss, _, _, sync), rows in g.items():
-        if sync == "single" or loss == "none":
-            continue
+    for (loss, _, _, sync), rows in synced.items():
         total = rows[0]["bytes_per_step"].get("loss", 0) + rows[0]["bytes_per_step"].get(
             "ddp_grad", 0
         )

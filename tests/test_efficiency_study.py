@@ -99,6 +99,10 @@ def test_report_averages_accuracy_over_seeds_and_takes_the_fastest_seeds_step(
     row = next(line for line in text.splitlines() if line.startswith("| 32 | SMI |"))
     assert "| 51.0 ± 1.0 |" in row
     assert row.endswith("| 10 | 0.3 | 100 |")  # step ms, ms/image, peak RSS
+    # only the batch table was run: no empty width or sync table, no empty plot
+    assert "**Batch size**" in text
+    assert "Projector width" not in text and "Synchronization" not in text
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["efficiency_batch.png"]
 
 
 @pytest.mark.slow
