@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import smi_hub  # noqa: E402
-from smi_hub.features import _Files  # noqa: E402  (what `smi-hub extract` runs per file)
+from smi_hub.feature_sources import _Files  # noqa: E402  (what `smi-hub extract` runs per file)
 from smi_hub.images import load_image  # noqa: E402
 from smi_hub.jpeg_decode import collate_encoded, device_decoder  # noqa: E402
 from training import pretrain  # noqa: E402

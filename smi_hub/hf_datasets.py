@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from smi_hub.errors import SMIHubError
+from smi_hub.feature_sources import _hf_image_key
 from smi_hub.feature_store import FeatureStore
-from smi_hub.features import FeatureResult, _hf_image_key, extract_features
+from smi_hub.features import FeatureResult, extract_features
 from smi_hub.hub import load
 
 

@@ -112,7 +112,7 @@ def read_jpeg(path: str) -> torch.Tensor | None:
 class EncodedFiles(torch.utils.data.Dataset):
     """Image files -> (JPEG bytes | preprocessed tensor | None, index, None, error message):
     plain JPEGs as bytes for the device, every other file through ``load_image`` + the
-    transform, as ``smi_hub.features`` reads files without device decoding."""
+    transform, as ``smi_hub.feature_sources`` reads files without device decoding."""
 
     def __init__(self, paths: Sequence[str], transform: Callable) -> None:
         self.paths = list(paths)
@@ -156,7 +156,7 @@ def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
 class DeviceDecoder:
     """Finishes a batch of :class:`EncodedFiles` on ``device``: decodes the JPEG bytes (all in
     one call; one by one if that call fails), preprocesses them, falls back to the careful CPU
-    path for a file the decoder refused, and returns ``smi_hub.features``' batch
+    path for a file the decoder refused, and returns ``smi_hub.feature_sources``' batch
     ``(x, indexes, labels, failed)`` with ``x`` on ``device``, rows in index order."""
 
     def __init__(self, files: EncodedFiles, preprocess: TensorPreprocess, device: torch.device):

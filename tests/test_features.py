@@ -188,16 +188,18 @@ def test_inputs_are_fingerprinted_only_for_a_feature_store(model, photos, tmp_pa
     """The fingerprint (sha256 of a tensor's bytes or of every PIL image, a stat of every file)
     only serves resuming a store: without ``out`` it must not be computed. On an H200 hashing
     the 1.2 GB input tensor made extract_features 5x slower than a plain forward."""
-    import smi_hub.features as features
+    import smi_hub.feature_sources as feature_sources
 
     files = sorted(photos.glob("*.png"))
     pils = [Image.open(p) for p in files]
     tensor = torch.stack([smi_hub.get_transforms(model)(p) for p in pils])
     calls: list[str] = []
     for name in ("_tensor_digest", "_images_digest", "_file_fingerprint"):
-        real = getattr(features, name)
+        real = getattr(feature_sources, name)
         monkeypatch.setattr(
-            features, name, lambda data, name=name, real=real: calls.append(name) or real(data)
+            feature_sources,
+            name,
+            lambda data, name=name, real=real: calls.append(name) or real(data),
         )
     for inputs in (tensor, pils, files, photos):
         smi_hub.extract_features(model, inputs, progress=False)

@@ -21,6 +21,7 @@ from skimage import data
 from torch.utils.data import Dataset, IterableDataset
 
 import smi_hub
+from smi_hub import feature_sources as S
 from smi_hub import features as F
 from smi_hub.feature_store import work_folder
 
@@ -104,20 +105,20 @@ def test_array_to_pil_layouts(fmnist):
         "hwc_noncontiguous": (rgb[:, ::-1], rgb[:, ::-1]),
     }
     for name, (given, want) in cases.items():
-        out = F._array_to_pil(given)
+        out = S._array_to_pil(given)
         assert isinstance(out, Image.Image), name
         assert np.array_equal(np.asarray(out), want), name
     floats = torch.rand(3, 4, 4)
-    assert F._array_to_pil(floats) is floats  # a preprocessed tensor passes through
+    assert S._array_to_pil(floats) is floats  # a preprocessed tensor passes through
     arr = np.zeros((4, 4), np.float32)
-    assert F._array_to_pil(arr) is arr
-    assert F._array_to_pil("x") == "x"
+    assert S._array_to_pil(arr) is arr
+    assert S._array_to_pil("x") == "x"
     # RGBA rows: a 4-channel last axis is never transposed either, even 3 rows high
     rgba = np.dstack([rgb[:3, :8], np.full((3, 8), 200, np.uint8)])
-    assert np.array_equal(np.asarray(F._array_to_pil(rgba)), rgba)
+    assert np.array_equal(np.asarray(S._array_to_pil(rgba)), rgba)
     # a 3-channel last axis is never transposed, even when the first axis is 3
     square = np.arange(27, dtype=np.uint8).reshape(3, 3, 3)
-    assert np.array_equal(np.asarray(F._array_to_pil(square)), square)
+    assert np.array_equal(np.asarray(S._array_to_pil(square)), square)
 
 
 def test_sample_reads_every_item_shape(fmnist, tmp_path):
@@ -139,29 +140,29 @@ def test_sample_reads_every_item_shape(fmnist, tmp_path):
         ((im, "coat"), "coat"),  # string labels are kept (datasets' string label columns)
         ((im, torch.tensor([1, 2])), None),
     ]:
-        x, i, got, err = F._sample(item, 7, to_float, None)
+        x, i, got, err = S._sample(item, 7, to_float, None)
         assert err is None and i == 7, item
         assert torch.equal(x, ref) and got == want_label, item
     # the first image column wins in _IMAGE_KEYS order, unless one is named
     other = fmnist[0][1]
     both = {"img": other, "image": im, "pixel_values": other}
-    assert torch.equal(F._sample(both, 0, to_float, None)[0], ref)
-    assert torch.equal(F._sample({"img": im, "pixel_values": other}, 0, to_float, None)[0], ref)
-    named = F._sample(both, 0, to_float, "pixel_values")[0]
+    assert torch.equal(S._sample(both, 0, to_float, None)[0], ref)
+    assert torch.equal(S._sample({"img": im, "pixel_values": other}, 0, to_float, None)[0], ref)
+    named = S._sample(both, 0, to_float, "pixel_values")[0]
     assert torch.equal(named, to_float(other.convert("RGB")))
     # a tensor passes as it is, without the transform
     t = torch.rand(3, 5, 5)
-    assert F._sample(t, 0, to_float, None)[0] is t
+    assert S._sample(t, 0, to_float, None)[0] is t
 
 
 def test_sample_errors_name_the_sample():
-    assert F._sample({"x": 1, "b": 2}, 4, to_float, None) == (
+    assert S._sample({"x": 1, "b": 2}, 4, to_float, None) == (
         None,
         4,
         None,
         "sample 4: KeyError: \"no image column among ['b', 'x']\"",
     )
-    assert F._sample(42, 3, to_float, None) == (
+    assert S._sample(42, 3, to_float, None) == (
         None,
         3,
         None,
@@ -175,14 +176,14 @@ def test_sample_errors_name_the_sample():
         def __getitem__(self, i):
             raise IndexError("gone")
 
-    assert F._Wrapped(Broken(), to_float)[1] == (None, 1, None, "sample 1: IndexError: gone")
+    assert S._Wrapped(Broken(), to_float)[1] == (None, 1, None, "sample 1: IndexError: gone")
 
 
 def test_files_report_unreadable_images_and_failing_transforms(tmp_path, fmnist):
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
     fmnist[0][0].save(good)
     bad.write_bytes(b"junk")
-    files = F._Files([good, bad], to_float)
+    files = S._Files([good, bad], to_float)
     assert files.paths == [str(good), str(bad)] and len(files) == 2
     x, i, label, err = files[0]
     assert torch.equal(x, to_float(fmnist[0][0].convert("RGB"))) and (i, label, err) == (
@@ -196,15 +197,15 @@ def test_files_report_unreadable_images_and_failing_transforms(tmp_path, fmnist)
     def failing(image):
         raise ArithmeticError("odd image")
 
-    assert F._Files([good], failing)[0] == (None, 0, None, f"{good}: ArithmeticError: odd image")
+    assert S._Files([good], failing)[0] == (None, 0, None, f"{good}: ArithmeticError: odd image")
 
 
 def test_collate_separates_failures():
     a, b = torch.zeros(3, 2, 2), torch.ones(3, 2, 2)
-    x, idx, labels, bad = F._collate([(a, 0, 5, None), (None, 1, None, "r1"), (b, 2, None, None)])
+    x, idx, labels, bad = S._collate([(a, 0, 5, None), (None, 1, None, "r1"), (b, 2, None, None)])
     assert torch.equal(x, torch.stack([a, b])) and idx == [0, 2] and labels == [5, None]
     assert bad == [(1, "r1")]
-    assert F._collate([(None, 3, None, "r")]) == (None, [], [], [(3, "r")])
+    assert S._collate([(None, 3, None, "r")]) == (None, [], [], [(3, "r")])
 
 
 def test_hf_image_key_and_kind(fmnist):
@@ -213,11 +214,11 @@ def test_hf_image_key_and_kind(fmnist):
         {"label": [0, 1], "photo": images},
         features=datasets.Features({"label": datasets.Value("int64"), "photo": datasets.Image()}),
     )
-    assert F._hf_image_key(typed) == "photo"
+    assert S._hf_image_key(typed) == "photo"
     plain = datasets.Dataset.from_dict({"label": [0, 1], "pixel_values": [[0], [1]], "img": [0, 1]})
-    assert F._hf_image_key(plain) == "img"
+    assert S._hf_image_key(plain) == "img"
     with pytest.raises(ValueError) as e:
-        F._hf_image_key(datasets.Dataset.from_dict({"a": [1]}))
+        S._hf_image_key(datasets.Dataset.from_dict({"a": [1]}))
     assert str(e.value) == (
         "No image column in this Hugging Face dataset (columns: ['a']); "
         "cast one with ds.cast_column(name, datasets.Image())."
@@ -227,18 +228,18 @@ def test_hf_image_key_and_kind(fmnist):
         features = None
         column_names = ["x", "pixel_values"]
 
-    assert F._hf_image_key(Columns()) == "pixel_values"
-    assert F._hf_image_key(object()) is None  # a stream without known columns: per row
-    assert F._is_hf(typed, "Dataset") and not F._is_hf(typed, "IterableDataset")
-    assert F._is_hf(typed.to_iterable_dataset(), "Other", "IterableDataset")
-    assert not F._is_hf([], "list")
+    assert S._hf_image_key(Columns()) == "pixel_values"
+    assert S._hf_image_key(object()) is None  # a stream without known columns: per row
+    assert S._is_hf(typed, "Dataset") and not S._is_hf(typed, "IterableDataset")
+    assert S._is_hf(typed.to_iterable_dataset(), "Other", "IterableDataset")
+    assert not S._is_hf([], "list")
 
 
 def test_read_path_list(tmp_path):
     listing = tmp_path / "sub" / "list.txt"
     listing.parent.mkdir()
     listing.write_text("# a comment\n\n  a.png  \nimgs/b.png\n/abs/c.png\n   # indented comment\n")
-    assert F.read_path_list(listing) == [
+    assert S.read_path_list(listing) == [
         str(tmp_path / "sub" / "a.png"),
         str(tmp_path / "sub" / "imgs" / "b.png"),
         "/abs/c.png",
@@ -247,61 +248,61 @@ def test_read_path_list(tmp_path):
 
 def test_sources_and_their_messages(tmp_path, fmnist, probe):
     t = torch.rand(2, 3, 4, 4)
-    src = F._source(t[0], to_float)
+    src = S._source(t[0], to_float)
     assert (src.kind, src.n, src.ids) == ("tensor", 1, None) and src.data.shape == (1, 3, 4, 4)
-    assert F._source(t, to_float).fingerprint != F._source(t + 1, to_float).fingerprint
+    assert S._source(t, to_float).fingerprint != S._source(t + 1, to_float).fingerprint
     assert (
-        F._source(t, to_float).fingerprint != F._source(t.reshape(1, 3, 8, 4), to_float).fingerprint
+        S._source(t, to_float).fingerprint != S._source(t.reshape(1, 3, 8, 4), to_float).fingerprint
     )
     with pytest.raises(ValueError) as e:
-        F._source(torch.rand(4, 4), to_float)
+        S._source(torch.rand(4, 4), to_float)
     assert str(e.value) == (
         "A float tensor input must be a preprocessed batch B x 3 x H x W, got (4, 4); pass raw "
         "pixels as uint8 (B x C x H x W or B x H x W), PIL images or paths to get the model's "
         "preprocessing."
     )
     with pytest.raises(ValueError, match=r"got \(1, 6, 4, 4\)"):
-        F._source(t.reshape(1, 6, 4, 4), to_float)
+        S._source(t.reshape(1, 6, 4, 4), to_float)
     with pytest.raises(FileNotFoundError) as e:
-        F._source("", to_float)
+        S._source("", to_float)
     assert str(e.value) == "The input path is empty; name a folder, image or list file."
     with pytest.raises(FileNotFoundError) as e:
-        F._source(tmp_path / "none", to_float)
+        S._source(tmp_path / "none", to_float)
     assert str(e.value) == f"{tmp_path / 'none'}: no such file or folder of images."
     with pytest.raises(ValueError) as e:
-        F._source(tmp_path, to_float)
+        S._source(tmp_path, to_float)
     assert str(e.value).startswith(f"{tmp_path} holds no image files (.jpg, .jpeg, .png")
     for suffix in (".txt", ".LST", ".list"):
         empty = tmp_path / f"empty{suffix}"
         empty.write_text("# nothing\n")
         with pytest.raises(ValueError) as e:
-            F._source(empty, to_float)
+            S._source(empty, to_float)
         assert str(e.value) == f"{empty} lists no image paths (one path per line)."
     with pytest.raises(TypeError) as e:
-        F._source(3.5, to_float)
+        S._source(3.5, to_float)
     assert str(e.value).endswith("a torch Dataset or a tensor batch; got float.")
     with pytest.raises(TypeError):
-        F._source([fmnist[0][0], "a.png"], to_float)  # neither all paths nor all images
+        S._source([fmnist[0][0], "a.png"], to_float)  # neither all paths nor all images
 
     fmnist[0][0].save(tmp_path / "x.png")
-    one = F._source(tmp_path / "x.png", to_float)
+    one = S._source(tmp_path / "x.png", to_float)
     assert (one.kind, one.n, one.ids) == ("dataset", 1, [str(tmp_path / "x.png")])
-    pils = F._source(fmnist[0][:3], to_float)
+    pils = S._source(fmnist[0][:3], to_float)
     assert (pils.kind, pils.n, pils.ids) == ("dataset", 3, None)
-    assert pils.fingerprint != F._source(fmnist[0][1:4], to_float).fingerprint
+    assert pils.fingerprint != S._source(fmnist[0][1:4], to_float).fingerprint
     rotated = [im.rotate(90) for im in fmnist[0][:3]]
-    assert pils.fingerprint != F._source(rotated, to_float).fingerprint
-    as_l = F._source([im.convert("P") for im in fmnist[0][:3]], to_float)
+    assert pils.fingerprint != S._source(rotated, to_float).fingerprint
+    as_l = S._source([im.convert("P") for im in fmnist[0][:3]], to_float)
     assert pils.fingerprint != as_l.fingerprint  # same bytes, other mode
 
     stream_dd = datasets.IterableDatasetDict(
         {"test": datasets.Dataset.from_dict({"a": [1]}).to_iterable_dataset()}
     )
     with pytest.raises(ValueError, match=r"splits \['test'\]; choose one: ds\['test'\]"):
-        F._source(stream_dd, to_float)
+        S._source(stream_dd, to_float)
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"a": [1]}), "b": None})
     with pytest.raises(ValueError) as e:
-        F._source(dd, to_float)
+        S._source(dd, to_float)
     assert str(e.value) == (
         "This is a DatasetDict with splits ['b', 'train']; choose one: ds['b'] (CLI: --split b)."
     )
@@ -370,13 +371,13 @@ def test_a_dataset_of_another_length_restarts_a_store(fmnist, probe, tmp_path):
 def test_file_fingerprint_follows_size_and_time(tmp_path, fmnist):
     a = tmp_path / "a.png"
     fmnist[0][0].save(a)
-    first = F._file_fingerprint([str(a)])
-    assert first == F._file_fingerprint([str(a)])
+    first = S._file_fingerprint([str(a)])
+    assert first == S._file_fingerprint([str(a)])
     os.utime(a, ns=(0, a.stat().st_mtime_ns + 10**9))
-    second = F._file_fingerprint([str(a)])
+    second = S._file_fingerprint([str(a)])
     assert second != first
-    missing = F._file_fingerprint([str(tmp_path / "gone.png")])
-    assert missing != F._file_fingerprint([str(tmp_path / "other.png")])
+    missing = S._file_fingerprint([str(tmp_path / "gone.png")])
+    assert missing != S._file_fingerprint([str(tmp_path / "other.png")])
     assert missing.startswith("files:")
 
 

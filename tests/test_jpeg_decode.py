@@ -14,7 +14,7 @@ from skimage import data
 import smi_hub
 from smi_hub import jpeg_decode
 from smi_hub.cli import main
-from smi_hub.features import _Files
+from smi_hub.feature_sources import _Files
 from smi_hub.jpeg_decode import collate_encoded, device_decoder, read_jpeg
 
 CPU = torch.device("cpu")

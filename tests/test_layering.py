@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "smi_hub.feature_store",
             "smi_hub.jpeg_decode",
+            "smi_hub.feature_sources",
             "smi_hub.features",
             "smi_hub.index_kinds",
             "smi_hub.index_vectors",
