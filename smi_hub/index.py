@@ -4,74 +4,49 @@ The kinds (``flat``, ``ivf``, ``ivfsq``, ``ivfpq``, ``hnsw``, ``auto``) and how 
 one from the vector count and a memory budget: :mod:`smi_hub.index_kinds`.
 
 Approximate indexes are built from a :class:`~smi_hub.FeatureStore` (or a tensor) shard by
-shard with :meth:`EmbeddingIndex.build`: trained on a sample, vectors added in chunks, then
-the search knob (``nprobe`` / ``efSearch``) is tuned to a target recall@10 against exact search
-on a held-out sample of queries, and that recall is recorded in ``metadata["build"]``.
+shard with :meth:`EmbeddingIndex.build` (:mod:`smi_hub.index_build`): trained on a sample,
+vectors added in chunks, then the search knob (``nprobe`` / ``efSearch``) is tuned to a target
+recall@10 against exact search on a held-out sample of queries, and that recall is recorded in
+``metadata["build"]``.
 
-Saved as a folder, replaced as a whole (``fileio.atomic_folder``): ``index.json`` (labels,
-kind, metadata, sha256 of every other file, checked on load: :mod:`smi_hub.index_format`) and
-``embeddings.safetensors`` (``flat``) or ``index.faiss`` (approximate kinds, memory-mapped on
-load), and ``vectors.npy`` when the index re-ranks on the float vectors (``refine``,
-:mod:`smi_hub.refine`). Nothing is pickled.
+Saved as a folder (:mod:`smi_hub.index_folder`), replaced as a whole
+(``fileio.atomic_folder``): ``index.json`` (labels, kind, metadata, sha256 of every other file,
+checked on load: :mod:`smi_hub.index_format`) and ``embeddings.safetensors`` (``flat``) or
+``index.faiss`` (approximate kinds, memory-mapped on load), and ``vectors.npy`` when the index
+re-ranks on the float vectors (``refine``, :mod:`smi_hub.refine`). Nothing is pickled.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from smi_hub.argtypes import in_range, parse_bytes
-from smi_hub.errors import SMIHubError
-from smi_hub.feature_store import FeatureStore
-from smi_hub.fileio import recover_folder
-from smi_hub.index_format import (
-    EMBEDDINGS_NAME,
-    FAISS_NAME,
-    INDEX_FORMAT,
-    INDEX_NAME,
-    check_index_info,
-    load_vectors,
-    sha256_file,
-)
+from smi_hub.index_build import fill_index, vector_source
+from smi_hub.index_folder import read_index_folder, write_index_folder
 from smi_hub.index_kinds import (
     DEFAULT_BUDGET,
     KINDS,
-    KNOBS,
     PQ_MIN_TRAIN,
     check_knob,
     factory_string,
+    import_faiss,
     kind_of,
-    nlist,
-    shortfall_reason,
     warn_unused_knobs,
 )
-from smi_hub.index_vectors import as_matrix, check_finite, exact_topk, normalize, recall_at_k
-from smi_hub.mmap_tensors import mmap_tensor
-from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
-from smi_hub.outputs import claim_output_dir, commit_folder
-from smi_hub.plan import print_plan
+from smi_hub.index_vectors import as_matrix, check_finite, normalize
 from smi_hub.refine import (
     DEFAULT_DISK_BUDGET,
     FLOAT_KINDS,
-    VECTORS_NAME,
     RefineVectors,
     check_refine,
     refine_conflict,
     resolve_refine,
-    tune_k_factor,
 )
-
-PROGRESS_MIN = 50_000  # build(progress=None): a progress bar from this many vectors on
 
 
 class SearchResult(NamedTuple):
@@ -143,7 +118,7 @@ class EmbeddingIndex:
         self._faiss: Any = None
         self._mapped = False  # a memory-mapped faiss index (read-only)
         if self.backend == "faiss":
-            _import_faiss()
+            import_faiss()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -172,7 +147,7 @@ class EmbeddingIndex:
                 self.embeddings = None
 
     def _new_faiss(self) -> Any:
-        faiss = _import_faiss()
+        faiss = import_faiss()
         index = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None:
@@ -233,7 +208,7 @@ class EmbeddingIndex:
             if self._faiss is None:
                 self.train(x)
             elif self._mapped:  # faiss cannot grow a memory-mapped index: copy it into memory
-                faiss = _import_faiss()
+                faiss = import_faiss()
                 self._faiss = faiss.deserialize_index(faiss.serialize_index(self._faiss))
                 self._mapped = False
             self._faiss.add(x.numpy())
@@ -268,9 +243,10 @@ class EmbeddingIndex:
         ``64 * nlist``, at least 10 000), vectors are added in chunks, then ``queries`` rows
         that were not in the training sample are searched exactly and approximately: the
         smallest ``nprobe`` / ``efSearch`` reaching ``target_recall`` (recall@10; or where
-        doubling it stops helping) is kept unless given, and the build report (kind, factory, recall@10, knob, times) is stored
-        in ``metadata["build"]``. Labels default to a store's paths, else row numbers.
-        ``progress``: a progress bar on stderr (None: from :data:`PROGRESS_MIN` vectors on).
+        doubling it stops helping) is kept unless given, and the build report (kind, factory,
+        recall@10, knob, times) is stored in ``metadata["build"]``. Labels default to a
+        store's paths, else row numbers. ``progress``: a progress bar on stderr (None: from
+        :data:`~smi_hub.index_build.PROGRESS_MIN` vectors on).
         """
         in_range(target_recall, "target_recall", 0.0, 1.0)
         in_range(queries, "queries", 0, integer=True)
@@ -279,50 +255,9 @@ class EmbeddingIndex:
         check_knob(nprobe, "nprobe")
         check_knob(ef_search, "ef_search")
         t0 = time.perf_counter()
-        if isinstance(vectors, FeatureStore):
-            store = vectors
-            n, dim = len(store), store.dim
-            if labels is None:
-                labels = list(store.paths)
-
-            def chunks() -> Iterator[torch.Tensor]:
-                for k, part in enumerate(store):
-                    if part.shape[0]:
-                        part = part.reshape(part.shape[0], -1).float()
-                        yield normalize(check_finite(part, "stored rows", store.offsets[k]))
-
-            def rows(ids: torch.Tensor) -> torch.Tensor:
-                out = torch.empty(len(ids), dim)
-                pos = 0
-                for k in range(store.num_shards):
-                    lo, hi = store.offsets[k], store.offsets[k + 1]
-                    sel = ids[(ids >= lo) & (ids < hi)]
-                    if len(sel):
-                        feats = store.shard(k)["features"].reshape(hi - lo, -1)
-                        out[pos : pos + len(sel)] = feats[sel - lo]
-                        pos += len(sel)
-                return normalize(check_finite(out, "stored rows", ids=ids))
-
-        else:
-            matrix = check_finite(as_matrix(vectors, "vectors"), "vectors")
-            if labels is None and hasattr(vectors, "paths"):
-                labels = list(vectors.paths)
-            n, dim = matrix.shape
-
-            def chunks() -> Iterator[torch.Tensor]:
-                for i in range(0, n, chunk_size):
-                    yield normalize(matrix[i : i + chunk_size])
-
-            def rows(ids: torch.Tensor) -> torch.Tensor:
-                return normalize(matrix[ids])
-
-        if n == 0:
-            raise ValueError("No vectors to index.")
-        labels = list(range(n)) if labels is None else list(labels)
-        if len(labels) != n:
-            raise ValueError(f"{n} vectors but {len(labels)} labels.")
+        source = vector_source(vectors, labels, chunk_size)
         index = cls(
-            dim=dim,
+            dim=source.dim,
             metadata=metadata,
             kind=kind,
             memory_budget=memory_budget,
@@ -331,121 +266,34 @@ class EmbeddingIndex:
             refine=refine,
             disk_budget=disk_budget,
         )
-        index._resolve(n)
+        index._resolve(source.n)
         if index.refine:  # the float vectors, on a temporary file until saved
-            index._vectors = RefineVectors.empty(n, dim)
+            index._vectors = RefineVectors.empty(source.n, source.dim)
         warn_unused_knobs(index.kind, nprobe, ef_search)
-        bar = tqdm(
-            total=n, desc=f"index {index.factory}", unit="vec", unit_scale=True,
-            disable=not (progress if progress is not None else n >= PROGRESS_MIN),
-        )  # fmt: skip
-        if not bar.disable:
-            print_plan(
-                f"index {n:,} vectors of {dim} dimensions as {index.factory}"
-                + ("" if index.kind == "flat" else f", then tune on {queries} held-out queries"),
-                None,
-                "the progress bar below shows the rate and time left",
-            )
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(n, generator=g)
-        t_train = 0.0
-        train_ids = torch.empty(0, dtype=torch.long)
-        if index.kind != "flat":  # HNSW needs no training: a token sample creates it
-            want = train_size or (1000 if index.kind == "hnsw" else max(10_000, 64 * nlist(n)))
-            train_ids = perm[: min(n, want)].sort().values
-            t1 = time.perf_counter()
-            bar.set_postfix_str(f"training on {len(train_ids)} vectors")
-            index.train(rows(train_ids))
-            bar.set_postfix_str("adding")
-            t_train = time.perf_counter() - t1
-        if index.kind == "flat":
-            index.embeddings = torch.empty(n, dim)  # filled in place: no growing copies
-        pos = 0
-        for part in chunks():
-            if index.kind == "flat":
-                index.embeddings[pos : pos + part.shape[0]] = part
-            else:
-                index._faiss.add(part.numpy())
-                if index._vectors is not None:
-                    index._vectors.write(pos, part.numpy())
-            pos += part.shape[0]
-            bar.update(part.shape[0])
-        index.labels = labels
-        t_built = time.perf_counter() - t0
-        report: dict[str, Any] = {
-            "kind": index.kind,
-            "factory": index.factory,
-            "vectors": n,
-            "train_vectors": int(len(train_ids)),
-            "refine": index.refine,
-            "train_s": round(t_train, 3),
-            "build_s": round(t_built, 3),
-        }
-        if index.kind != "flat" and queries > 0:
-            rest = perm[len(train_ids) :] if len(train_ids) < n else perm
-            q = rows(rest[:queries].sort().values)
-            k = min(10, n)
-            _, truth = exact_topk(q, chunks(), k)
-            knob = "efSearch" if index.kind == "hnsw" else "nprobe"
-            bar.set_postfix_str(f"tuning {knob} on {q.shape[0]} queries")
-            given = ef_search if index.kind == "hnsw" else nprobe
-            limit = 4096 if index.kind == "hnsw" else nlist(n)
-            low = 16 if index.kind == "hnsw" else 1  # faiss' HNSW uses max(efSearch, k) anyway
-            candidates = [given] if given else [v for v in KNOBS if low <= v <= limit] or [1]
-            value, recall = candidates[0], -1.0
-            for v in candidates:  # smallest knob reaching the target, or where recall plateaus
-                index._set_knob(knob, v)
-                r = recall_at_k(index.search(q, k=k).indices, truth)
-                if r < recall + 0.002:
-                    break
-                value, recall = v, r
-                if r >= target_recall:
-                    break
-            index._set_knob(knob, value)
-            if refine == "auto" and index.refine:  # a k factor auto chose: tune it too
-                index.refine, recall = tune_k_factor(
-                    lambda f: recall_at_k(index.search(q, k=k, refine=f).indices, truth),
-                    index.refine,
-                    recall,
-                    target_recall,
-                )
-                report["refine"] = index.refine
-            if index.kind == "hnsw":
-                index.ef_search = value
-            else:
-                index.nprobe = value
-            report.update(
-                {"queries": int(q.shape[0]), "recall_at_10": round(recall, 4), knob: value}
-            )
-            if recall < target_recall:
-                why = shortfall_reason(
-                    index.kind, index.factory, n, dim, index.memory_budget, index.refine,
-                    knob, value, bool(given),
-                )  # fmt: skip
-                refined = f" re-ranking k x {index.refine}" if index.refine else ""
-                warnings.warn(
-                    f"recall@10 {recall:.3f} on {q.shape[0]} held-out queries is below "
-                    f"target_recall {target_recall} for {index.factory}{refined} {why}.",
-                    stacklevel=2,
-                )
-        bar.close()
-        index.metadata["build"] = report
-        # the gallery's own nearest-neighbour scores, for the out-of-domain signal (smi_hub.ood)
-        profile_ids = perm[-min(n, PROFILE_QUERIES) :].sort().values
-        index.metadata["neighbour_profile"] = neighbour_profile(
-            index, rows(profile_ids), profile_ids
+        fill_index(
+            index,
+            source,
+            train_size=train_size,
+            queries=queries,
+            target_recall=target_recall,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            seed=seed,
+            refine=refine,
+            progress=progress,
+            t0=t0,
         )
         return index
 
     # ---- searching -----------------------------------------------------------------------
 
     def _set_knob(self, name: str, value: int) -> None:
-        faiss = _import_faiss()
+        faiss = import_faiss()
         faiss.ParameterSpace().set_index_parameter(self._faiss, name, int(value))
 
     def _faiss_index(self) -> Any:
         if self._faiss is None:
-            faiss = _import_faiss()
+            faiss = import_faiss()
             self._faiss = faiss.IndexFlatIP(self.dim)
             if len(self):
                 assert self.embeddings is not None
@@ -510,42 +358,7 @@ class EmbeddingIndex:
         ``embeddings.safetensors`` or ``index.faiss``. An earlier index there is replaced as a
         whole; a folder with other files is refused unless ``overwrite`` (then only the index
         files are replaced; see ``smi_hub.outputs``). Returns the folder written."""
-        claim = claim_output_dir(folder, "index", overwrite)
-        folder = claim.path
-        with contextlib.ExitStack() as stack:
-            stack.callback(claim.release)
-            tmp = stack.enter_context(commit_folder(claim))
-            if self.kind == "flat":
-                assert self.embeddings is not None
-                vec = self.embeddings.contiguous()
-                if vec.shape[1] != (self.dim or 0):
-                    vec = torch.empty(0, self.dim or 0)
-                name = EMBEDDINGS_NAME
-                save_file({"embeddings": vec}, str(tmp / name))
-            else:
-                name = FAISS_NAME
-                _import_faiss().write_index(self._faiss, str(tmp / name))
-            files = {name: sha256_file(tmp / name)}
-            if self._vectors is not None:
-                self._vectors.save(tmp / VECTORS_NAME)
-                files[VECTORS_NAME] = sha256_file(tmp / VECTORS_NAME)
-            info = {
-                "format": "smi-hub-index",
-                "format_version": INDEX_FORMAT,
-                "kind": self.kind,
-                "factory": self.factory,
-                "dim": self.dim,
-                "count": len(self),
-                "metric": "cosine",
-                "nprobe": self.nprobe,
-                "ef_search": self.ef_search,
-                "refine": self.refine if self._vectors is not None else 0,
-                "files": files,
-                "labels": self.labels,
-                "metadata": self.metadata,
-            }
-            (tmp / INDEX_NAME).write_text(json.dumps(info, indent=1) + "\n")
-        return folder
+        return write_index_folder(self, folder, overwrite)
 
     @classmethod
     def load(
@@ -554,75 +367,4 @@ class EmbeddingIndex:
         """Read an index written by :meth:`save`; the vectors file must match the sha256 in
         ``index.json``. Indexes are memory-mapped unless ``mmap=False`` (approximate ones are
         read into memory by a later :meth:`add`)."""
-        folder = Path(folder)
-        with contextlib.suppress(OSError):  # a swap killed between its renames
-            recover_folder(folder)
-        meta_path = folder / INDEX_NAME
-        if not meta_path.is_file():
-            raise SMIHubError(
-                f"{folder} is not an index folder (needs {INDEX_NAME}); build one with "
-                "`smi-hub index FOLDER -o INDEX_DIR` or EmbeddingIndex.save()."
-            )
-        try:
-            info = json.loads(meta_path.read_text())
-        except Exception as e:
-            raise SMIHubError(f"{folder}: unreadable index ({type(e).__name__}: {e}).") from e
-        kind, name = check_index_info(info, meta_path)
-        path = folder / name
-        if not path.is_file():
-            raise SMIHubError(f"{folder} is not a complete index ({name} is missing); rebuild it.")
-        if info["files"][name] != sha256_file(path):
-            raise SMIHubError(
-                f"{path}: sha256 differs from {INDEX_NAME}'s record; the index folder is "
-                "damaged or mixed with another index's files. Rebuild it."
-            )
-        index = cls(
-            dim=info["dim"],
-            backend=backend,
-            metadata=info.get("metadata"),
-            kind=kind,
-            nprobe=info.get("nprobe"),
-            ef_search=info.get("ef_search"),
-            # an ivf / hnsw folder built with refine before it was refused for them: the
-            # re-ranking changed nothing there, so its vectors.npy is not read
-            refine=0 if kind in FLOAT_KINDS else info.get("refine", 0),
-        )
-        index.factory = info["factory"]
-        index.labels = list(info["labels"])
-        try:
-            if kind == "flat":
-                mapped = mmap_tensor(path, "embeddings") if mmap else None  # shared pages
-                index.embeddings = (
-                    mapped if mapped is not None else load_file(str(path))["embeddings"].float()
-                )
-                check_finite(index.embeddings, f"vectors of {folder}")
-                count = index.embeddings.shape
-                ok = count == (info["count"], info["dim"] or 0)  # an empty index may have no dim
-            else:
-                faiss = _import_faiss()
-                flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
-                index._faiss = faiss.read_index(str(path), flag)
-                index._mapped = bool(mmap)
-                index.embeddings = None
-                ok = index._faiss.ntotal == info["count"] and index._faiss.d == info["dim"]
-                if index.refine:
-                    index._vectors = load_vectors(folder, info, mmap)
-                    ok = ok and index._vectors.array.shape == (info["count"], info["dim"])
-        except SMIHubError:
-            raise
-        except Exception as e:
-            raise SMIHubError(f"{folder}: unreadable index ({type(e).__name__}: {e}).") from e
-        if not ok or len(index.labels) != info["count"]:
-            raise SMIHubError(f"{folder}: {INDEX_NAME} and {name} disagree; rebuild it.")
-        return index
-
-
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError(
-            "faiss is needed for backend='faiss' and approximate kinds: pip install faiss-cpu "
-            "(or smi-hub[faiss]); kind='flat' with backend='torch' needs nothing."
-        ) from e
-    return faiss
+        return read_index_folder(cls, folder, backend, mmap)

@@ -1,5 +1,6 @@
 """Index kinds: their faiss factory strings for a vector count and a memory budget, their
-search knobs, and what to change when a build misses its recall target.
+search knobs, what to change when a build misses its recall target, and faiss itself
+(:func:`import_faiss`: the approximate kinds need it).
 
 Kinds (faiss ``index_factory`` strings on L2-normalized vectors, inner product):
 
@@ -140,3 +141,16 @@ def shortfall_reason(
         f"at the best {knob} ({value}): the codes' compression is the limit; {fix}"
         f", or re-rank on the float vectors ({redo})"
     )
+
+
+def import_faiss() -> Any:
+    """The faiss module, or an ImportError saying how to install it (approximate kinds and
+    ``backend='faiss'`` need it)."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError(
+            "faiss is needed for backend='faiss' and approximate kinds: pip install faiss-cpu "
+            "(or smi-hub[faiss]); kind='flat' with backend='torch' needs nothing."
+        ) from e
+    return faiss

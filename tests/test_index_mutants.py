@@ -18,6 +18,8 @@ import pytest
 import torch
 
 import smi_hub.index as I
+import smi_hub.index_build as B
+import smi_hub.index_folder as D
 import smi_hub.index_format as F
 import smi_hub.index_kinds as K
 import smi_hub.index_vectors as V
@@ -372,7 +374,7 @@ def test_build_hnsw_and_sample_sizes(db):
 @pytest.mark.slow
 def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
     seen = {}
-    train, exact = EmbeddingIndex.train, I.exact_topk
+    train, exact = EmbeddingIndex.train, B.exact_topk
 
     def spy_train(self, sample):
         seen["train"] = sample.clone()
@@ -383,7 +385,7 @@ def test_queries_are_held_out_from_the_training_sample(db, monkeypatch):
         return exact(queries, chunks, k)
 
     monkeypatch.setattr(EmbeddingIndex, "train", spy_train)
-    monkeypatch.setattr(I, "exact_topk", spy_exact)
+    monkeypatch.setattr(B, "exact_topk", spy_exact)
     EmbeddingIndex.build(db, kind="ivf", train_size=2000, queries=1000)
     assert seen["train"].shape == (2000, 16) and seen["queries"].shape == (1000, 16)
     train_rows = {tuple(r) for r in seen["train"].tolist()}
@@ -655,7 +657,7 @@ def test_a_failed_recovery_does_not_stop_reading(db, tmp_path, monkeypatch):
     def unlistable(path):
         raise PermissionError(f"{path}: cannot list its parent")
 
-    monkeypatch.setattr(I, "recover_folder", unlistable)
+    monkeypatch.setattr(D, "recover_folder", unlistable)
     assert EmbeddingIndex.load(folder).labels == list(range(6))
 
 

@@ -56,6 +56,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.index_kinds",
             "smi_hub.index_vectors",
             "smi_hub.index_format",
+            "smi_hub.index_build",
+            "smi_hub.index_folder",
             "smi_hub.index",
             "smi_hub.localization",
             "smi_hub.gallery",
