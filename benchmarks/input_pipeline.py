@@ -40,7 +40,7 @@ import smi_hub  # noqa: E402
 from smi_hub.feature_sources import _Files  # noqa: E402  (what `smi-hub extract` runs per file)
 from smi_hub.images import load_image  # noqa: E402
 from smi_hub.jpeg_decode import collate_encoded, device_decoder  # noqa: E402
-from training import pretrain  # noqa: E402
+from training import pretrain_data  # noqa: E402
 from training.batch_augment import BatchAugment  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import ImageFolderDataset, two_view_transform  # noqa: E402
@@ -118,8 +118,8 @@ def per_core_variants(folder: Path, n: int) -> dict[str, Callable[[int], Any]]:
     """name -> a function of an item index (one image), all over the same files."""
     cfg = recipe(folder, "cpu")
     m, a = cfg.model, cfg.data.augment
-    baseline = pretrain.build_train_dataset(cfg)
-    batched = pretrain.build_train_dataset(recipe(folder, "gpu"), batched=True)
+    baseline = pretrain_data.build_train_dataset(cfg)
+    batched = pretrain_data.build_train_dataset(recipe(folder, "gpu"), batched=True)
     files = ImageFolderDataset(folder).samples
     rrc = two_view_transform(m.image_size, m.mean, m.std, a)
     crop_only = [op.transforms[:2] for op in (rrc.view_a, rrc.view_b)]  # RandomResizedCrop, flip
@@ -238,8 +238,8 @@ def measure_end_to_end(
     ns = argparse.Namespace(seed=0, **model_args)
     runner = train_step.Runner(ns, "smi", device)
     cfg = recipe(folder, "gpu", f"model.image_size={model_args['image_size']}")
-    dataset = pretrain.build_train_dataset(cfg, batched=True)
-    prepare = pretrain.view_preparer(cfg, device, batched=True)
+    dataset = pretrain_data.build_train_dataset(cfg, batched=True)
+    prepare = pretrain_data.view_preparer(cfg, device, batched=True)
     prepare.channels_last = model_args["channels_last"]
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import ColorJitter, GaussianBlur, RandomApply, Ra
 from torchvision.transforms.v2 import functional as TF
 
 from training import batch_augment as BA
-from training import pretrain
+from training import pretrain, pretrain_data
 from training.config import AugmentConfig, ConfigError, load_config
 from training.data import ImageFolderDataset, SafeTwoViewDataset, two_view_transform
 
@@ -342,12 +342,12 @@ def test_unreadable_images_are_skipped_and_counted_on_the_batched_path(tmp_path,
 def test_augment_device_setting(tmp_path):
     cfg = load_config(CONFIG, [f"output_dir={tmp_path}"])
     assert cfg.data.augment.device == "auto"
-    assert not pretrain.augment_on_device(cfg, torch.device("cpu"))
-    assert pretrain.augment_on_device(cfg, torch.device("cuda"))
+    assert not pretrain_data.augment_on_device(cfg, torch.device("cpu"))
+    assert pretrain_data.augment_on_device(cfg, torch.device("cuda"))
     cfg.data.augment.device = "gpu"
-    assert pretrain.augment_on_device(cfg, torch.device("cpu"))
+    assert pretrain_data.augment_on_device(cfg, torch.device("cpu"))
     cfg.data.augment.device = "cpu"
-    assert not pretrain.augment_on_device(cfg, torch.device("cuda"))
+    assert not pretrain_data.augment_on_device(cfg, torch.device("cuda"))
     with pytest.raises(
         ConfigError, match=r"data.augment.device: 'tpu' is not one of auto, cpu, gpu"
     ):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training import pretrain
+from training import pretrain, pretrain_data
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.config import load_config
 from training.data import DataError, ImageFolderDataset, SafeTwoViewDataset, check_readable
@@ -254,7 +254,7 @@ def test_grayscale_and_transparent_images_go_through_the_same_pipeline(tmp_path,
         root.mkdir(parents=True)
         image.save(root / "img.png", **({"transparency": 1} if name == "palette" else {}))
         cfg = load_config(CONFIG, ["data.source=imagefolder", f"data.path={root.parent}"])
-        ds = pretrain.build_train_dataset(cfg)
+        ds = pretrain_data.build_train_dataset(cfg)
         rgb = np.asarray(ds.base[0][0])
         reference = np.where(clear, 255, np.maximum(gray, 2)) if name == "palette" else expected
         assert rgb.shape == (28, 28, 3) and (rgb == reference[..., None]).all(), name
@@ -414,15 +414,15 @@ def test_hf_datasets_source_saved_to_disk(tmp_path, fmnist_test):
     )
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "hf"))
     cfg = load_config(CONFIG, ["data.source=hf", f"data.path={tmp_path / 'hf'}"])
-    train_ds = pretrain.build_train_dataset(cfg)
+    train_ds = pretrain_data.build_train_dataset(cfg)
     assert len(train_ds) == 40 and train_ds.base.targets[:3] == labels[:3].tolist()
     a, b, skipped = train_ds[5]  # the corrupt row is replaced by the next one and counted
     assert skipped == 1 and a.shape == (3, 28, 28)
     assert train_ds[0][2] == 0
     ds.to_parquet(str(tmp_path / "images.parquet"))  # a local data file works too
     cfg = load_config(CONFIG, ["data.source=hf", f"data.path={tmp_path / 'images.parquet'}"])
-    parquet_ds = pretrain.build_train_dataset(cfg)
+    parquet_ds = pretrain_data.build_train_dataset(cfg)
     assert len(parquet_ds) == 40 and parquet_ds[5][2] == 1
     val = load_config(CONFIG, ["data.source=hf", f"data.path={tmp_path / 'hf'}", "data.split=val"])
     with pytest.raises(DataError, match="has splits"):
-        pretrain.build_train_dataset(val)
+        pretrain_data.build_train_dataset(val)

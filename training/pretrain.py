@@ -11,13 +11,11 @@ order and augmentations, optimizer, schedule, scaler and RNG states.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,6 @@ from smi_hub.models import SMIModel
 from smi_hub.outputs import OutputFolderError, claim_output_dir, resolve_output
 from smi_hub.plan import TIMED_BATCH, TRAIN_FACTOR, print_plan, seconds_per_image
 from training import distributed as D
-from training.batch_augment import BatchAugment, CropTwoViews, view_specs
 from training.checkpoint import (
     CheckpointError,
     checkpoint_name,
@@ -47,62 +44,26 @@ from training.config import (
     load_config,
     save_config,
 )
-from training.data import (
-    DataError,
-    IndexedSubset,
-    ResumableSampler,
-    SafeTwoViewDataset,
-    build_source,
-    check_readable,
-    subset_indices,
-    two_view_transform,
-)
+from training.data import DataError, ResumableSampler
 from training.losses import build_loss
-from training.monitors import collapse_metrics
 from training.optim import WarmupCosine, build_optimizer
+from training.pretrain_data import (
+    augment_on_device,
+    build_monitor_dataset,
+    build_train_dataset,
+    view_preparer,
+)
+from training.train_monitor import (
+    MetricsLogger,
+    TrainingDiverged,
+    diverged_message,
+    fmt_time,
+    monitor_embeddings,
+)
 
 log = logging.getLogger("training.pretrain")
 EXIT_CONFIG, EXIT_DATA, EXIT_DIVERGED = 2, 3, 4
 RESUME_KEYS = ("model", "model_config", "optimizer", "scheduler", "scaler", "rng", "epoch", "step")
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite losses or gradients."""
-
-
-class MetricsLogger:
-    """Rank-0 JSONL + TensorBoard writer (no-op on other ranks)."""
-
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, purge_step: int | None):
-        self.enabled = enabled
-        self.file = open(out_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge_step)
-            except ImportError:
-                log.warning("tensorboard is not installed; writing metrics.jsonl only.")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None and "step" in record:
-            kind = record.get("type", "train")
-            for k, v in record.items():
-                numeric = isinstance(v, int | float) and not isinstance(v, bool)
-                if numeric and k not in ("step", "time", "epoch"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def backward_scale(loss_fn: nn.Module) -> int:
@@ -116,73 +77,6 @@ def backward_scale(loss_fn: nn.Module) -> int:
 
 def _unwrap(model: nn.Module) -> SMIModel:
     return model.module if isinstance(model, DistributedDataParallel) else model  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def monitor_embeddings(
-    model: SMIModel,
-    dataset: torch.utils.data.Dataset,
-    device: torch.device,
-    precision: str,
-    batch_size: int,
-    prepare: Callable[[Any], torch.Tensor],
-) -> dict[str, float]:
-    """Collapse monitors of backbone and projector embeddings of a fixed set of image pairs
-    (``prepare``: a loader batch of one view -> the model's input on ``device``)."""
-    was_training = model.training
-    model.eval()
-    feats: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "pa": [], "pb": []}
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
-    for a, b, _ in loader:
-        for key, x in (("a", a), ("b", b)):
-            x = prepare(x)
-            with D.autocast(device, precision):
-                h = model.embed(x)
-                z = model.projector(h)
-            feats[key].append(h.float().cpu())
-            feats["p" + key].append(z.float().cpu())
-    model.train(was_training)
-    cat = {k: torch.cat(v) for k, v in feats.items()}
-    out = {f"backbone_{k}": v for k, v in collapse_metrics(cat["a"], cat["b"]).items()}
-    out.update({f"projector_{k}": v for k, v in collapse_metrics(cat["pa"], cat["pb"]).items()})
-    return out
-
-
-def augment_on_device(cfg: PretrainConfig, device: torch.device) -> bool:
-    """Whether the augmentations after the crop run batched on the training device
-    (``data.augment.device``: ``gpu``, or ``auto`` on CUDA)."""
-    mode = cfg.data.augment.device
-    return mode == "gpu" or (mode == "auto" and device.type == "cuda")
-
-
-def build_train_dataset(cfg: PretrainConfig, batched: bool = False) -> SafeTwoViewDataset:
-    """The two-view training dataset the config describes (probed for readability). With
-    ``batched``, workers only decode, crop and flip (:class:`CropTwoViews`); the rest is
-    :func:`view_preparer`'s :class:`BatchAugment` on the training device."""
-    d = cfg.data
-    base = build_source(d.source, d.path, d.split, d.image_key, d.label_key)
-    idx = subset_indices(len(base), d.subset, cfg.seed)
-    if idx is not None:
-        base = IndexedSubset(base, idx)
-    check_readable(base, d.max_bad_fraction, seed=cfg.seed)
-    m = cfg.model
-    if batched:
-        transform = CropTwoViews(m.image_size, view_specs(d.augment))
-    else:
-        transform = two_view_transform(m.image_size, m.mean, m.std, d.augment)
-    return SafeTwoViewDataset(base, transform, seed=cfg.seed)
-
-
-def view_preparer(
-    cfg: PretrainConfig, device: torch.device, batched: bool
-) -> Callable[[Any], torch.Tensor]:
-    """Loader batch of one view -> the model's input on ``device``: the batched augmentation
-    (``batched``), or a plain transfer of the workers' finished views."""
-    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    if batched:
-        m, a = cfg.model, cfg.data.augment
-        return BatchAugment(m.mean, m.std, max(a.blur_sigma), device, cfg.train.channels_last)
-    return lambda x: x.to(device, non_blocking=True).contiguous(memory_format=layout)
 
 
 def train(cfg: PretrainConfig, resume: str = "none") -> dict[str, Any]:
@@ -345,13 +239,7 @@ def _train_into(
                 "torch_threads": torch.get_num_threads(),
             }
         )
-    monitor_ds = None
-    if cfg.log.monitor_samples > 0:
-        n_mon = min(cfg.log.monitor_samples, len(dataset))
-        mon_idx = subset_indices(len(dataset.base), n_mon, seed=cfg.seed + 1) or range(n_mon)
-        monitor_ds = SafeTwoViewDataset(
-            IndexedSubset(dataset.base, mon_idx), dataset.transform, seed=cfg.seed + 1
-        )
+    monitor_ds = build_monitor_dataset(cfg, dataset)
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         nonlocal saved
@@ -436,7 +324,7 @@ def _train_into(
                     log.warning(msg)
                     metrics.write({"type": "event", "event": "nonfinite", "step": step})
                     if nonfinite >= cfg.train.max_nonfinite:
-                        raise TrainingDiverged(_diverged_message(nonfinite, step, saved, cfg))
+                        raise TrainingDiverged(diverged_message(nonfinite, step, saved, cfg))
                     continue
                 nonfinite = 0
                 scheduler.step()
@@ -470,7 +358,7 @@ def _train_into(
                             loss=f"{loss_value:.4g}",
                             lr=f"{lr:.3g}",
                             img_s=f"{ips:.0f}",
-                            eta=_fmt_time(eta),
+                            eta=fmt_time(eta),
                         )
                     window_t, window_n = time.time(), 0
                 if step % cfg.checkpoint.every_steps == 0 and step_in_epoch < steps_per_epoch:
@@ -522,22 +410,6 @@ def _train_into(
     return last
 
 
-def _diverged_message(n: int, step: int, saved: Path | None, cfg: PretrainConfig) -> str:
-    """Why the run stopped, what is on disk, and what to change."""
-    fix = "lower train.lr, use train.precision=fp32 or set train.grad_clip"
-    head = f"{n} consecutive non-finite steps at step {step}: training diverged."
-    if saved is None:
-        return (
-            f"{head} No checkpoint was written yet (the first comes after "
-            f"checkpoint.every_steps={cfg.checkpoint.every_steps} steps or one epoch), so there "
-            f"is nothing to resume: {fix}, then start again."
-        )
-    return (
-        f"{head} The last good checkpoint, {saved}, is intact (nothing is saved after a "
-        f"non-finite step): {fix}, then --resume auto."
-    )
-
-
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     import dataclasses
 
@@ -549,15 +421,6 @@ def dataclass_plain(value: Any) -> Any:
     import dataclasses
 
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def build_parser() -> argparse.ArgumentParser:
