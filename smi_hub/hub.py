@@ -10,12 +10,8 @@ import torch
 
 from smi_hub.download import fetch_weights_url, is_url
 from smi_hub.errors import ChecksumError, WeightsError, WeightsNotPublishedError
-from smi_hub.models import (
-    SMIModel,
-    build_model_from_config,
-    load_weights_folder,
-    with_num_classes,
-)
+from smi_hub.hf_hub_mixin import with_num_classes
+from smi_hub.models import SMIModel, build_model_from_config, load_weights_folder
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, ModelEntry, list_models, preprocessing
 from smi_hub.schema import check_num_classes
 from smi_hub.timm_compat import SMIFeatures

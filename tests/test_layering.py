@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("catalog", ("smi_hub.registry", "smi_hub.model_card")),
     ("weights folder format", ("smi_hub.weights",)),
-    ("network", ("smi_hub.timm_compat", "smi_hub.models")),
+    ("network", ("smi_hub.timm_compat", "smi_hub.hf_hub_mixin", "smi_hub.models")),
     ("loaders", ("smi_hub.download", "smi_hub.hub", "smi_hub.transforms", "smi_hub.export")),
     (
         "features and search",
