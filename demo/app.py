@@ -54,6 +54,7 @@ def _load_sibling(name: str) -> ModuleType:
 
 
 core = _load_sibling("engine")  # the model, gallery index, searches and maps
+display = _load_sibling("display")  # what the page shows of them (MAP_TYPES)
 
 SEARCH_CONCURRENCY = 4  # searches served at once: one slow query does not hold up the others
 MAX_UPLOAD = "50mb"
@@ -226,7 +227,7 @@ def build_app(
                 lenient_preprocess(query)
                 k_slider = gr.Slider(1, MAX_K, value=k, step=1, label="k (neighbours)")
                 map_type = gr.Radio(
-                    [(label, method) for label, method in core.MAP_TYPES.items()],
+                    [(label, method) for label, method in display.MAP_TYPES.items()],
                     value="similarity",
                     label="Map type",
                 )

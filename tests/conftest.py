@@ -67,11 +67,16 @@ def _exec_by_path(name: str, path: Path, register: bool = False) -> ModuleType:
     return module
 
 
+def load_demo_module(name: str) -> ModuleType:
+    """``demo/<name>.py`` (no gradio), the very module ``demo/app.py`` and ``demo/engine.py`` use:
+    loaded under the key their ``_load_sibling`` gives it, once per process."""
+    key = f"smi_hub_demo_{name}"
+    return sys.modules.get(key) or _exec_by_path(key, DEMO / f"{name}.py", register=True)
+
+
 def load_demo_engine() -> ModuleType:
-    """``demo/engine.py`` (no gradio), the very module ``demo/app.py`` uses as ``.core``: loaded
-    under the key ``demo/app.py``'s ``_load_sibling`` gives it, once per process."""
-    key = "smi_hub_demo_engine"
-    return sys.modules.get(key) or _exec_by_path(key, DEMO / "engine.py", register=True)
+    """``demo/engine.py`` (no gradio), the very module ``demo/app.py`` uses as ``.core``."""
+    return load_demo_module("engine")
 
 
 class _LazyModule:

@@ -76,6 +76,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "hubconf",
             "demo.app",
             "demo.engine",
+            "demo.gallery_index",
+            "demo.display",
             "smi_hub.serve",
         ),
     ),
