@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import os
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,6 +25,7 @@ from smi_hub.images import IMAGE_EXTENSIONS, check_size, list_images, load_image
 from smi_hub.ood import Verdict, verdict
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, list_models
 from smi_hub.schema import validate_config
+from smi_hub.script_modules import load_demo_module
 from smi_hub.search_service import SearchService
 from smi_hub.settings import cache_dir
 
@@ -70,25 +68,11 @@ class Match(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _load_sibling(name: str) -> ModuleType:
-    """``demo/<name>.py`` loaded by path, once per process, under the key ``demo/app.py`` gives
-    its siblings (the demo folder is no package)."""
-    key = f"smi_hub_demo_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[key]
-            raise
-    return sys.modules[key]
-
-
-gallery_index = _load_sibling("gallery_index")  # embeddings cache, class labels, probe, profile
-display = _load_sibling("display")  # what the page shows: images with maps, run, status
+HERE = Path(__file__).parent  # demo/ is no package: its files load each other by path
+gallery_index = load_demo_module(
+    "gallery_index", HERE
+)  # embeddings cache, class labels, probe, profile
+display = load_demo_module("display", HERE)  # what the page shows: images with maps, run, status
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "smi_hub.ood",
             "smi_hub.refine",
             "smi_hub.mmap_tensors",
+            "smi_hub.script_modules",
         ),
     ),
     ("catalog", ("smi_hub.registry", "smi_hub.model_card")),
