@@ -20,40 +20,23 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 
 import argparse
 import contextlib
-import importlib.util
 import socket
 import sys
 import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
 from smi_hub.registry import DEFAULT_MODEL
+from smi_hub.script_modules import load_demo_module
 
-
-def _load_sibling(name: str) -> ModuleType:
-    """``demo/<name>.py`` loaded by path, once per process: this file runs as a script, loaded
-    by path (``smi-hub demo``, the tests) or imported, and the demo folder is no package."""
-    key = f"smi_hub_demo_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[key]
-            raise
-    return sys.modules[key]
-
-
-core = _load_sibling("engine")  # the model, gallery index, searches and maps
+HERE = Path(__file__).parent  # demo/ is no package: its files load each other by path
+core = load_demo_module("engine", HERE)  # the model, gallery index, searches and maps
+display = load_demo_module("display", HERE)  # what the page shows of them (MAP_TYPES)
 
 SEARCH_CONCURRENCY = 4  # searches served at once: one slow query does not hold up the others
 MAX_UPLOAD = "50mb"
@@ -226,7 +209,7 @@ def build_app(
                 lenient_preprocess(query)
                 k_slider = gr.Slider(1, MAX_K, value=k, step=1, label="k (neighbours)")
                 map_type = gr.Radio(
-                    [(label, method) for label, method in core.MAP_TYPES.items()],
+                    [(label, method) for label, method in display.MAP_TYPES.items()],
                     value="similarity",
                     label="Map type",
                 )

@@ -1,18 +1,15 @@
 """The demo's engine: model loading, the models a page offers, the model self-check, the gallery
-embeddings (cached) and the searches and maps, with the locks that keep them consistent. No
-Gradio here: ``demo/app.py`` wires a :class:`SearchEngine` to the page.
+embeddings (cached, ``demo/gallery_index.py``) and the searches and maps, with the locks that keep
+them consistent; what the page shows of them is ``demo/display.py``. No Gradio here:
+``demo/app.py`` wires a :class:`SearchEngine` to the page.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import os
-import sys
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,24 +22,18 @@ import smi_hub
 from smi_hub.errors import ImageLoadError, SMIHubError
 from smi_hub.gallery import label_of
 from smi_hub.images import IMAGE_EXTENSIONS, check_size, list_images, load_image, to_rgb
-from smi_hub.ood import PROFILE_QUERIES, Verdict, neighbour_profile, verdict
+from smi_hub.ood import Verdict, verdict
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY, list_models
 from smi_hub.schema import validate_config
+from smi_hub.script_modules import load_demo_module
 from smi_hub.search_service import SearchService
 from smi_hub.settings import cache_dir
 
-CACHE_FORMAT = 1
 # query images: refused from their header, before decoding, above these (far below Pillow's
 # decompression-bomb limit of 179 M pixels); --max-pixels changes the first
 MAX_PIXELS = 40_000_000
 MAX_DECODE_BYTES = 512 << 20
-DISPLAY_SIZE = 224  # px of the longer side of displayed images (28 px images: x8, nearest)
 EXAMPLES = 10
-# UI label -> localization_map method (the value the page and the API use)
-MAP_TYPES = {
-    "similarity (own embedding; neighbours: match to the query)": "similarity",
-    "Grad-CAM (gallery class-mean probe, query's class)": "gradcam",
-}
 
 
 _MODEL_STATE = (
@@ -73,62 +64,15 @@ class Match(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# helpers
+# the demo's other modules, loaded by path
 # --------------------------------------------------------------------------------------------
 
 
-def model_sha256(model: torch.nn.Module) -> str:
-    """The weights' sha256: ``weights_sha256`` of the folder the model was loaded from, else
-    the sha256 of its state dict (names and bytes)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("weights_sha256"):
-        return str(cfg["weights_sha256"])
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def gallery_signature(gallery: Path, files: Sequence[Path]) -> str:
-    """sha256 of the gallery's file list with sizes and modification times."""
-    rows = []
-    for p in files:
-        st = p.stat() if p.exists() else p.lstat()  # a broken link is listed, and skipped
-        rows.append([p.relative_to(gallery).as_posix(), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
-
-
-def class_label(path: Path, gallery: Path) -> str:
-    """Class of a gallery image: its folder (Fashion-MNIST folders mapped back to class names);
-    empty for images at the top of the gallery."""
-    return "" if path.parent == gallery else label_of(path)
-
-
-def display_image(image: Image.Image, size: int = DISPLAY_SIZE) -> Image.Image:
-    """Image resized for display: small images upscaled by an integer factor (nearest, so the
-    pixels stay sharp), large ones downscaled to fit ``size``."""
-    w, h = image.size
-    longer = max(w, h)
-    if longer < size:
-        f = max(1, size // longer)
-        return image.resize((w * f, h * f), Image.Resampling.NEAREST)
-    if longer > 2 * size:
-        s = 2 * size / longer
-        return image.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
-    return image
-
-
-def render(image: Image.Image, heat: torch.Tensor | None, alpha: float) -> Image.Image:
-    """The display-size image with the heat map blended over it (``smi_hub.overlay``)."""
-    disp = display_image(image)
-    if heat is None or alpha <= 0:
-        return disp
-    return smi_hub.overlay(disp, heat, alpha=float(min(max(alpha, 0.0), 1.0)))
-
-
-def _short(text: str, n: int = 12) -> str:
-    return text[:n] if text else "?"
+HERE = Path(__file__).parent  # demo/ is no package: its files load each other by path
+gallery_index = load_demo_module(
+    "gallery_index", HERE
+)  # embeddings cache, class labels, probe, profile
+display = load_demo_module("display", HERE)  # what the page shows: images with maps, run, status
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +80,7 @@ def _short(text: str, n: int = 12) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class SearchEngine:
+class SearchEngine(display.PageView):
     """Holds the model and the gallery index and answers searches.
 
     Args:
@@ -216,7 +160,7 @@ class SearchEngine:
             self.model_error = f"Could not open the index {index}: {e}"
             return
         self.service, self.model, self.model_name = service, service.model, service.model_name
-        self.model_key = model_sha256(service.model)
+        self.model_key = gallery_index.model_sha256(service.model)
         self.index, self.index_dir = service.index, service.index_dir
         self.offered = [service.model_name]
         self._build_probe()
@@ -309,7 +253,7 @@ class SearchEngine:
             )
             loaded.eval()
             self.self_check(loaded)
-            key = model_sha256(loaded)
+            key = gallery_index.model_sha256(loaded)
         except Exception as e:  # any loader problem is a message, not a crash
             msg = f"Could not load model {name!r}: {e}"
             with self.lock:
@@ -335,77 +279,27 @@ class SearchEngine:
             self.model_error = None
         return self.status_markdown()
 
-    def _cache_folder(self) -> Path:
-        assert self.gallery is not None
-        where = hashlib.sha256(str(self.gallery).encode()).hexdigest()[:12]
-        return self.cache_root / f"{self.model_key[:16]}-{where}"
-
     def _build_index(self) -> None:
         """Gallery embeddings from the cache when model and gallery files match, else computed
         (tqdm bar) and cached."""
         assert self.model is not None and self.gallery is not None
-        signature = gallery_signature(self.gallery, self.files)
-        config_digest = hashlib.sha256(
-            json.dumps(getattr(self.model, "config", {}), sort_keys=True, default=str).encode()
-        ).hexdigest()
-        meta = {
-            "cache_format": CACHE_FORMAT,
-            "model_sha256": self.model_key,
-            "model_config_sha256": config_digest,
-            "gallery": str(self.gallery),
-            "gallery_signature": signature,
-            "layer": "pooled",
-        }
-        folder = self._cache_folder()
-        index = None
+        folder = gallery_index.cache_folder(self.cache_root, self.model_key, self.gallery)
         self.cache_hit = False
-        if (folder / "index.json").is_file():
-            try:
-                cached = smi_hub.EmbeddingIndex.load(folder)
-                if {k: cached.metadata.get(k) for k in meta} == meta:
-                    index, self.cache_hit = cached, True
-                    self.skipped = [tuple(x) for x in cached.metadata.get("skipped", [])]
-            except SMIHubError:
-                index = None  # unreadable cache: rebuild it
-        if index is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # skipped files: reported below
-                result = smi_hub.extract_features(
-                    self.model, [str(p) for p in self.files], progress=self.progress
-                )
-            self.skipped = [(Path(p).name, reason) for p, reason in result.failed]
-            rel = [Path(p).relative_to(self.gallery).as_posix() for p in result.paths]
-            index = smi_hub.EmbeddingIndex(metadata={**meta, "skipped": self.skipped})
-            if len(rel):
-                index.add(result.features, labels=rel)
-                try:
-                    index.save(folder)
-                except OSError as e:  # a read-only cache costs time, not the demo
-                    print(f"smi-hub demo: embeddings not cached ({e})", file=sys.stderr)
-        self.index, self.index_dir = index, folder
+        self.index, self.cache_hit, self.skipped = gallery_index.cached_index(
+            self.model, self.model_key, self.gallery, self.files, folder, self.progress
+        )
+        self.index_dir = folder
         self._build_probe()
 
     def _build_probe(self) -> None:
-        """A linear probe for Grad-CAM: the normalized mean embedding of each gallery class."""
+        """The gallery's neighbour profile and a linear probe for Grad-CAM: the normalized mean
+        embedding of each gallery class."""
         assert self.index is not None
         self.probe, self.classes = None, []
         if len(self.index) == 0 or self.index.embeddings is None:  # approximate: no probe
             return
-        ids = torch.randperm(len(self.index), generator=torch.Generator().manual_seed(0))
-        ids = ids[:PROFILE_QUERIES].sort().values
-        self.profile = neighbour_profile(self.index, self.index.embeddings[ids], ids)
-        if self.gallery is not None:
-            labels = [class_label(self.gallery / p, self.gallery) for p in self.index.labels]
-        else:
-            labels = [label_of(str(p)) for p in self.index.labels]
-        self.classes = sorted(set(labels))
-        rows = torch.tensor([self.classes.index(x) for x in labels])
-        means = torch.zeros(len(self.classes), self.index.embeddings.shape[1])
-        means.index_add_(0, rows, self.index.embeddings)
-        probe = torch.nn.Linear(means.shape[1], len(self.classes), bias=False)
-        with torch.no_grad():
-            probe.weight.copy_(torch.nn.functional.normalize(means, dim=1))
-        self.probe = probe.eval()
+        self.profile = gallery_index.gallery_profile(self.index)
+        self.probe, self.classes = gallery_index.class_probe(self.index, self.gallery)
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -469,7 +363,11 @@ class SearchEngine:
             found = index.search(feats, k=max(1, int(k)))
             assert self.gallery is not None
             matches = [
-                Match(self.gallery / rel, class_label(self.gallery / rel, self.gallery), float(s))
+                Match(
+                    self.gallery / rel,
+                    gallery_index.class_label(self.gallery / rel, self.gallery),
+                    float(s),
+                )
                 for s, rel in zip(found.scores[0].tolist(), found.labels[0], strict=True)
             ]
         return pil, feats[0], matches
@@ -517,80 +415,6 @@ class SearchEngine:
         profile = self.service.profile if self.service is not None else self.profile
         return verdict(matches[0].score, profile) if matches else Verdict(None, None)
 
-    # ---- what the page shows -----------------------------------------------------------------
-
-    def run(
-        self, image: Any, k: int = 5, map_type: str = "similarity", alpha: float = 0.4
-    ) -> tuple[list[tuple[Image.Image, str]], Image.Image | None, str]:
-        """(gallery items, query overlay, status markdown) for the page; ``DemoError`` on bad
-        input or a missing model / gallery."""
-        method = MAP_TYPES.get(map_type, map_type)
-        image = self.query_image(image)  # decoded outside the lock: other searches go on
-        with self.lock:  # the same model for the search and the maps
-            pil, emb, matches = self.search(image, k)
-            qmap, nmaps, note = self.maps(pil, emb, matches, method)
-        items = []
-        for rank, (m, heat) in enumerate(zip(matches, nmaps, strict=True), start=1):
-            try:
-                shown = render(load_image(m.path), heat, alpha)
-            except ImageLoadError:
-                shown = Image.new("RGB", (DISPLAY_SIZE, DISPLAY_SIZE), "gray")
-            items.append((shown, f"{rank}. {m.label or m.path.name} · {m.score:.3f}"))
-        top = ", ".join(f"{m.label or m.path.name} ({m.score:.3f})" for m in matches[:3])
-        status = (
-            f"Top {len(matches)} of {len(self.index or [])} gallery images; nearest: {top}. "
-            f"Maps: {note}."
-        )
-        v = self.verdict(matches)
-        if v.in_domain is False:
-            status = (
-                f"**Out of domain: this image is unlike anything in the gallery.** Its best "
-                f"match ({matches[0].score:.3f}) is at percentile {v.percentile:.1f} of the "
-                "gallery's own nearest-neighbour scores: the neighbours below are the least "
-                "unlike, not similar.  \n" + status
-            )
-        elif v.in_domain:
-            status = (
-                f"In domain: the best match is at percentile {v.percentile:.1f} of the "
-                "gallery's own nearest-neighbour scores (in the gallery's usual range).  \n"
-                + status
-            )
-        return items, render(pil, qmap, alpha), status
-
-    def status_markdown(self) -> str:
-        """Model, gallery and cache state (or what is wrong) as Markdown."""
-        lines = []
-        if self.model is None:
-            lines.append(f"**Model: not loaded.** {self.model_error or ''}")
-        else:
-            cfg = getattr(self.model, "config", {}) or {}
-            lines.append(
-                f"**Model:** `{self.model_name}` ({cfg.get('arch', '?')}, width "
-                f"{cfg.get('base_width', '?')}, {cfg.get('image_size', '?')} px input, "
-                f"{getattr(self.model, 'num_features', '?')}-d features; weights sha256 "
-                f"`{_short(self.model_key)}`)"
-            )
-        if self.service is not None:
-            build = self.index.metadata.get("build", {}) if self.index is not None else {}
-            recall = build.get("recall_at_10", 1.0 if self.service.index.kind == "flat" else "?")
-            lines.append(
-                f"**Index:** `{self.index_dir}`: {len(self.service)} images, "
-                f"{self.service.index.factory} (recall@10 {recall} at build)"
-            )
-        elif self.gallery_error is not None:
-            lines.append(f"**Gallery: unusable.** {self.gallery_error}")
-        elif self.gallery is not None:
-            n = len(self.index) if self.index is not None else 0
-            classes = f", {len(self.classes)} classes" if self.classes else ""
-            lines.append(f"**Gallery:** `{self.gallery}`: {n} images indexed{classes}")
-            if self.skipped:
-                shown = "; ".join(f"{name}: {why}" for name, why in self.skipped[:3])
-                lines.append(f"**Skipped {len(self.skipped)} unreadable file(s):** {shown}")
-            if self.index_dir is not None and n:
-                how = "reused from" if self.cache_hit else "computed and cached in"
-                lines.append(f"**Embeddings:** {how} `{self.index_dir}`")
-        return "  \n".join(lines)
-
 
 def available_models() -> list[str]:
     """Registry names whose pretrained weights can be loaded here."""
@@ -604,7 +428,7 @@ def example_images(engine: SearchEngine, n: int = EXAMPLES) -> list[str]:
     by_class: dict[str, list[Path]] = {}
     for p in engine.files:
         if p.is_file():
-            label = class_label(p, engine.gallery) if engine.gallery else label_of(p)
+            label = gallery_index.class_label(p, engine.gallery) if engine.gallery else label_of(p)
             by_class.setdefault(label, []).append(p)
     picked: list[str] = []
     depth = 0

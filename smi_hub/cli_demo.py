@@ -4,12 +4,12 @@ imports what it runs (start-up time)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from collections import Counter
 from pathlib import Path
 
 from smi_hub.errors import SMIHubError
+from smi_hub.script_modules import load_file_module
 
 
 def demo_app_path() -> Path:
@@ -26,10 +26,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"The demo needs a source checkout: {path} does not exist. Clone the smi-hub "
             "repository, `pip install -e '.[demo]'` in it, and run `smi-hub demo` there."
         )
-    spec = importlib.util.spec_from_file_location("smi_hub_demo_app", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_file_module("smi_hub_demo_app", path, register=False)
     argv: list[str] = []
     for model in args.model or []:
         argv += ["--model", model]

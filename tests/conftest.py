@@ -4,11 +4,9 @@ Nothing skips silently: a skipped test fails the run unless it is marked ``gpu``
 CUDA, which CI's CPU machine lacks). A missing dev dependency or dataset is an error.
 """
 
-import importlib.util
 import json
 import os
 import struct
-import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 from huggingface_hub import constants as hf_constants
 
 import smi_hub
-from smi_hub import fashion_mnist
+from smi_hub import fashion_mnist, script_modules
 
 # No test may depend on telemetry: gradio_client's Client (and gradio) send usage pings through
 # huggingface_hub to HF_ENDPOINT, from background threads at a time no test controls; in
@@ -51,27 +49,15 @@ def fmnist_test():
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 
 
-def _exec_by_path(name: str, path: Path, register: bool = False) -> ModuleType:
-    """The file at ``path`` run as module ``name`` (in ``sys.modules`` if ``register``)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    if register:
-        sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        if register:
-            del sys.modules[name]
-        raise
-    return module
+def load_demo_module(name: str) -> ModuleType:
+    """``demo/<name>.py`` (no gradio), the very module ``demo/app.py`` and ``demo/engine.py`` use:
+    loaded once per process by ``smi_hub.script_modules.load_demo_module``."""
+    return script_modules.load_demo_module(name, DEMO)
 
 
 def load_demo_engine() -> ModuleType:
-    """``demo/engine.py`` (no gradio), the very module ``demo/app.py`` uses as ``.core``: loaded
-    under the key ``demo/app.py``'s ``_load_sibling`` gives it, once per process."""
-    key = "smi_hub_demo_engine"
-    return sys.modules.get(key) or _exec_by_path(key, DEMO / "engine.py", register=True)
+    """``demo/engine.py`` (no gradio), the very module ``demo/app.py`` uses as ``.core``."""
+    return load_demo_module("engine")
 
 
 class _LazyModule:
@@ -110,7 +96,7 @@ def load_demo_app(name: str) -> Any:
             import gradio  # noqa: F401
         except ImportError as e:  # a missing install step is an error, not a skip
             pytest.fail(f"{e}: the demo needs gradio: pip install -e '.[demo]'", pytrace=False)
-        module = _exec_by_path(name, DEMO / "app.py")
+        module = script_modules.load_file_module(name, DEMO / "app.py", register=False)
         assert module.core is load_demo_engine()
         return module
 

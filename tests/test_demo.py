@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import demo_model, load_demo_app, load_demo_engine
+from conftest import demo_model, load_demo_app, load_demo_engine, load_demo_module
 from PIL import Image
 
 import smi_hub
@@ -27,6 +27,8 @@ pytestmark = [
 
 app = load_demo_app("smi_hub_demo_app_test")
 core = load_demo_engine()  # demo/engine.py, app.core
+display = load_demo_module("display")  # demo/display.py, app.display
+gallery_index = load_demo_module("gallery_index")  # demo/gallery_index.py
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:
@@ -75,7 +77,7 @@ def test_search_returns_k_sorted_results_with_labels(engine, env):
     assert [m.path for m in engine.search(arr, k=3)[2]] == [m.path for m in matches[:3]]
 
 
-@pytest.mark.parametrize("map_type", [*core.MAP_TYPES.values(), next(iter(core.MAP_TYPES))])
+@pytest.mark.parametrize("map_type", [*display.MAP_TYPES.values(), next(iter(display.MAP_TYPES))])
 def test_page_output(engine, env, map_type):
     query = first_image(env["gallery"])
     items, overlay, status = app.search_page(engine, str(query), 4, map_type, 0.5)
@@ -106,9 +108,11 @@ def test_maps_in_unit_range(engine, env):
 
 
 def test_display_image_sizes():
-    assert core.display_image(Image.new("L", (28, 28))).size == (224, 224)
-    assert core.display_image(Image.new("RGB", (30, 20))).size == (210, 140)
-    assert max(core.display_image(Image.new("RGB", (2000, 1000))).size) == 2 * core.DISPLAY_SIZE
+    assert display.display_image(Image.new("L", (28, 28))).size == (224, 224)
+    assert display.display_image(Image.new("RGB", (30, 20))).size == (210, 140)
+    assert (
+        max(display.display_image(Image.new("RGB", (2000, 1000))).size) == 2 * display.DISPLAY_SIZE
+    )
 
 
 # ---- messages instead of exceptions ---------------------------------------------------------
@@ -208,7 +212,7 @@ def test_cache_reused_and_invalidated(env, tmp_path):
     assert other.cache_hit and other.index_dir == first.index_dir
     # a model not loaded from a folder is keyed by the sha256 of its state dict
     mem = core.SearchEngine(make_model(3), gallery, **kw)
-    assert not mem.cache_hit and mem.model_key == core.model_sha256(make_model(3))
+    assert not mem.cache_hit and mem.model_key == gallery_index.model_sha256(make_model(3))
     assert core.SearchEngine(make_model(3), gallery, **kw).cache_hit
 
     # the gallery changes: a file added, then a file rewritten (mtime / size)
