@@ -15,7 +15,7 @@ from smi_hub.errors import (
     WeightsError,
     WeightsNotPublishedError,
 )
-from smi_hub.feature_store import FeatureStore, FeatureStoreError
+from smi_hub.feature_store import FeatureStore
 from smi_hub.features import FeatureResult, extract_features
 from smi_hub.gallery import default_gallery
 from smi_hub.hf_datasets import add_embeddings
@@ -25,6 +25,7 @@ from smi_hub.localization import localization_map, overlay
 from smi_hub.models import SMIModel, load_weights_folder
 from smi_hub.registry import DEFAULT_MODEL, list_models
 from smi_hub.store_export import export_store
+from smi_hub.store_manifest import FeatureStoreError
 from smi_hub.transforms import get_transforms
 from smi_hub.weights import save_weights_folder
 

@@ -14,10 +14,11 @@ from smi_hub.errors import SMIHubError
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from smi_hub.feature_store import MANIFEST, FeatureStore
+    from smi_hub.feature_store import FeatureStore
     from smi_hub.features import extract_features
     from smi_hub.hub import load
     from smi_hub.index import EmbeddingIndex
+    from smi_hub.store_manifest import MANIFEST
 
     vectors: Any
     if (Path(args.folder) / MANIFEST).is_file():

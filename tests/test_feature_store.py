@@ -23,8 +23,9 @@ from PIL import Image
 import smi_hub
 from smi_hub import SMIModel, fashion_mnist
 from smi_hub.cli import main
-from smi_hub.feature_store import FeatureStore, FeatureStoreError, work_folder
+from smi_hub.feature_store import FeatureStore, work_folder
 from smi_hub.outputs import OutputFolderError
+from smi_hub.store_manifest import FeatureStoreError
 
 # 2-20 s each; the store's plumbing stays fast in test_features_mutants.py
 pytestmark = pytest.mark.slow

@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "features and search",
         (
+            "smi_hub.store_manifest",
             "smi_hub.feature_store",
             "smi_hub.jpeg_decode",
             "smi_hub.feature_sources",

@@ -25,9 +25,10 @@ from smi_hub import export
 from smi_hub.argtypes import printable
 from smi_hub.cli import main
 from smi_hub.errors import CheckpointError, NonFiniteError, SMIHubError
-from smi_hub.feature_store import FeatureStore, FeatureStoreError, manifest_checksum
+from smi_hub.feature_store import FeatureStore
 from smi_hub.index import EmbeddingIndex
 from smi_hub.models import SMIModel
+from smi_hub.store_manifest import FeatureStoreError, manifest_checksum
 
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
 
