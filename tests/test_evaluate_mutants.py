@@ -20,7 +20,7 @@ from PIL import Image
 import smi_hub
 from smi_hub import SMIModel, load_weights_folder, save_weights_folder
 from smi_hub.fashion_mnist import FashionMNIST
-from training import eval_data, evaluate, probes, reference_linear
+from training import eval_data, evaluate, probes, reference_linear, semisup
 from training.data import subset_indices
 from training.probes import (
     EvalError,
@@ -415,9 +415,9 @@ def test_digits_defaults_to_its_train_split():
 
 def test_fix_subset_creates_folders_and_explains_a_mismatch(tmp_path):
     path = tmp_path / "a" / "b" / "s.txt"
-    assert evaluate.fix_subset(path, [2, 1]) == [1, 2]
+    assert semisup.fix_subset(path, [2, 1]) == [1, 2]
     with pytest.raises(EvalError) as e:
-        evaluate.fix_subset(path, [1, 2, 3])
+        semisup.fix_subset(path, [1, 2, 3])
     assert str(e.value) == (
         f"{path} holds a different label subset (2 indices) than this dataset, fraction and "
         "seed give (3); the data changed. Delete the file to record the new subset, or restore "

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from smi_hub.models import SMIModel
-from training import eval_data, evaluate, probes, reference_linear
+from training import eval_data, evaluate, probes, reference_linear, semisup
 
 DEFAULT = "smi_resnet18_fmnist"
 
@@ -191,16 +191,16 @@ def test_semisup_fine_tunes_on_a_pinned_class_balanced_subset(tmp_path, capsys):
 
 
 def test_fix_subset_records_and_checks(tmp_path):
-    path = evaluate.subset_file(tmp_path, "fashion_mnist", "train", 0.1, 3)
+    path = semisup.subset_file(tmp_path, "fashion_mnist", "train", 0.1, 3)
     assert path.name == "fashion_mnist_train_0.1_seed3.txt"
-    assert evaluate.fix_subset(path, [5, 1, 3]) == [1, 3, 5]
+    assert semisup.fix_subset(path, [5, 1, 3]) == [1, 3, 5]
     assert path.read_text() == "1\n3\n5\n"
-    assert evaluate.fix_subset(path, [3, 5, 1]) == [1, 3, 5]
+    assert semisup.fix_subset(path, [3, 5, 1]) == [1, 3, 5]
     with pytest.raises(probes.EvalError, match="different label subset"):
-        evaluate.fix_subset(path, [1, 3])
+        semisup.fix_subset(path, [1, 3])
     path.write_text("x\n")
     with pytest.raises(probes.EvalError, match="one integer index per line"):
-        evaluate.fix_subset(path, [1])
+        semisup.fix_subset(path, [1])
 
 
 def test_semisup_settings_errors(tmp_path, capsys):
