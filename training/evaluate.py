@@ -49,7 +49,7 @@ from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from smi_hub.weights import save_weights_folder
 from training.checkpoint import CheckpointError
-from training.config import load_config
+from training.config_load import load_config
 from training.data import DataError, IndexedSubset, subset_indices
 from training.eval_data import (
     Transformed,
