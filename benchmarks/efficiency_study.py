@@ -318,7 +318,7 @@ def evaluate_cell(
 
 
 def model_config(p: dict[str, Any], width: int) -> dict[str, Any]:
-    from training.config import load_config
+    from training.config_load import load_config
 
     cfg = load_config(str(ROOT / "training/configs/fmnist_resnet18_smi.yaml")).to_dict()["model"]
     return {**cfg, "projector_dims": projector(width, p["hidden"])}

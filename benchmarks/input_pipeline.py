@@ -42,7 +42,7 @@ from smi_hub.images import load_image  # noqa: E402
 from smi_hub.jpeg_decode import collate_encoded, device_decoder  # noqa: E402
 from training import pretrain_data  # noqa: E402
 from training.batch_augment import BatchAugment  # noqa: E402
-from training.config import load_config  # noqa: E402
+from training.config_load import load_config  # noqa: E402
 from training.data import ImageFolderDataset, two_view_transform  # noqa: E402
 
 RECIPE = ROOT / "training" / "configs" / "imagenet_resnet50_smi.yaml"

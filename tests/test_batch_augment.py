@@ -23,7 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from training import batch_augment as BA
 from training import pretrain, pretrain_data
-from training.config import AugmentConfig, ConfigError, load_config
+from training.config import AugmentConfig, ConfigError
+from training.config_load import load_config
 from training.data import ImageFolderDataset, SafeTwoViewDataset, two_view_transform
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")

@@ -182,7 +182,7 @@ def test_cli_random_init_knn_on_image_folder(tmp_path, image_folder):
 @pytest.mark.slow
 def test_cli_checkpoint_run_dir_linear_and_transfer(tmp_path, image_folder):
     from training import pretrain
-    from training.config import load_config
+    from training.config_load import load_config
 
     run = tmp_path / "run"
     cfg = load_config(

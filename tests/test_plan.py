@@ -13,7 +13,7 @@ from smi_hub import SMIModel
 from smi_hub.cli import main as cli_main
 from smi_hub.plan import _is_channels_last, duration, seconds_per_image
 from training import pretrain
-from training.config import load_config
+from training.config_load import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "fmnist_resnet18_smi.yaml"
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from smi_hub.models import SMIModel
-from training.config import load_config
+from training.config_load import load_config
 from training.optim import LARS, WarmupCosine, build_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"

@@ -35,13 +35,9 @@ from training.checkpoint import (
     sidecar_path,
     verify_checkpoint,
 )
-from training.config import (
-    LOSS_KWARGS,
-    ConfigError,
-    PretrainConfig,
-    check_runtime,
-    load_config,
-)
+from training.config import ConfigError, PretrainConfig
+from training.config_checks import LOSS_KWARGS, check_runtime
+from training.config_load import load_config
 from training.losses import LOSSES
 
 ROOT = Path(__file__).parents[1]

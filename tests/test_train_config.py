@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from training import pretrain
-from training.config import ConfigError, load_config, parse_overrides
+from training.config import ConfigError
+from training.config_load import load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).parents[1] / "training" / "configs").glob("*.yaml"))
 

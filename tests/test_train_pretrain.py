@@ -18,7 +18,7 @@ from PIL import Image
 
 from training import pretrain, pretrain_data
 from training.checkpoint import list_checkpoints, load_checkpoint
-from training.config import load_config
+from training.config_load import load_config
 from training.data import DataError, ImageFolderDataset, SafeTwoViewDataset, check_readable
 
 ROOT = Path(__file__).parents[1]

@@ -47,7 +47,7 @@ from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from training.checkpoint import CheckpointError
-from training.config import load_config
+from training.config_load import load_config
 from training.data import DataError
 from training.eval_data import (
     Transformed,

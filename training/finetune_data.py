@@ -15,7 +15,8 @@ import torch
 
 import smi_hub
 from smi_hub.models import SMIModel
-from training.config import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range
+from training.config import ConfigError
+from training.config_checks import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY, Range
 from training.data import (
     IndexedSubset,
     _mix_seed,

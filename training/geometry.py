@@ -36,7 +36,8 @@ from smi_hub.errors import SMIHubError
 from smi_hub.fileio import atomic_write_text
 from smi_hub.models import SMIModel
 from training.checkpoint import CheckpointError
-from training.config import AugmentConfig, ConfigError, load_config
+from training.config import AugmentConfig, ConfigError
+from training.config_load import load_config
 from training.data import DataError, eval_transform, two_view_transform
 from training.eval_data import Transformed, default_resize_ratio, labelled_source, load_model
 from training.monitors import alignment, effective_rank, uniformity

@@ -37,13 +37,9 @@ from training.checkpoint import (
     save_checkpoint,
     training_state,
 )
-from training.config import (
-    ConfigError,
-    PretrainConfig,
-    check_runtime,
-    load_config,
-    save_config,
-)
+from training.config import ConfigError, PretrainConfig
+from training.config_checks import check_runtime
+from training.config_load import load_config, save_config
 from training.data import DataError, ResumableSampler
 from training.losses import build_loss
 from training.optim import WarmupCosine, build_optimizer
