@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import fnmatch
-import importlib.util
 import json
 import os
 import resource
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from smi_hub.fileio import atomic_write_text  # noqa: E402
+from smi_hub.script_modules import load_file_module  # noqa: E402
 
 LOSSES = ("smi", "barlow_twins", "vicreg")
 TABLES = {"cpu": ["random", "sync", "width", "batch"], "gpu": ["random", "width", "batch"]}
@@ -436,11 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images-dir", help="where --report writes the PNGs (default: --out)")
     args = ap.parse_args(argv)
     if args.report:
-        spec = importlib.util.spec_from_file_location(
-            "smi_efficiency_report", ROOT / "benchmarks" / "efficiency_report.py"
+        report = load_file_module(
+            "smi_efficiency_report", ROOT / "benchmarks" / "efficiency_report.py", register=False
         )
-        report = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(report)
         report.write_report(Path(args.out), args.images_dir)
         return 0
     run_grid(args)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -67,17 +66,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from smi_hub.script_modules import load_file_module  # noqa: E402
+
 
 def _sibling(name: str) -> types.ModuleType:
-    """A benchmark script next to this one, loaded from its file (``benchmarks/`` is no
-    package, and an installed package of that name must not shadow it)."""
-    spec = importlib.util.spec_from_file_location(
-        f"smi_benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """A benchmark script next to this one, loaded from its file as ``smi_benchmarks_<name>``
+    (``benchmarks/`` is no package, and an installed package of that name must not shadow it)."""
+    return load_file_module(f"smi_benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
 
 
 extract_bench = _sibling("extract")

@@ -40,6 +40,7 @@ import smi_hub  # noqa: E402
 from smi_hub.feature_sources import _Files  # noqa: E402  (what `smi-hub extract` runs per file)
 from smi_hub.images import load_image  # noqa: E402
 from smi_hub.jpeg_decode import collate_encoded, device_decoder  # noqa: E402
+from smi_hub.script_modules import load_file_module  # noqa: E402
 from training import pretrain_data  # noqa: E402
 from training.batch_augment import BatchAugment  # noqa: E402
 from training.config_load import load_config  # noqa: E402
@@ -371,15 +372,7 @@ def measure_extract(
 
 
 def _train_step_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "smi_benchmarks_train_step", ROOT / "benchmarks" / "train_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("smi_benchmarks_train_step", ROOT / "benchmarks" / "train_step.py")
 
 
 PAPER_MODEL = {

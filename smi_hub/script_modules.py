@@ -1,5 +1,6 @@
-"""Python files of a source checkout that are no package (``demo/*.py``) loaded as modules by
-path: how ``smi-hub demo``, the demo's files and the tests load them."""
+"""Python files of a source checkout that are no package (``demo/*.py``, ``benchmarks/*.py``,
+``hubconf.py``) loaded as modules by path: the one way ``smi-hub demo``, the demo's files, the
+benchmark scripts (their sibling scripts) and the tests load them."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ embedded default model when its weights are installed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ from PIL import Image
 import smi_hub
 from smi_hub.gallery import default_gallery
 from smi_hub.registry import DEFAULT_MODEL, REGISTRY
+from smi_hub.script_modules import load_file_module
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +38,7 @@ pytestmark = [
 
 
 def _load_app():
-    spec = importlib.util.spec_from_file_location("smi_hub_demo_app_browser", REPO / "demo/app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("smi_hub_demo_app_browser", REPO / "demo/app.py", register=False)
 
 
 def _free_port() -> int:

@@ -3,20 +3,18 @@ and counts the bytes each process hands to collectives (tiny two-process run).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from smi_hub.script_modules import load_file_module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(name, ROOT / "benchmarks" / f"{name}.py", register=False)
 
 
 study = _load("efficiency_study")

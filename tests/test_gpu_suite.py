@@ -1,7 +1,6 @@
 """benchmarks/gpu_suite.py: the CPU dry run (--quick) through the wrapper, step deadlines,
 and the helpers the GPU run depends on (budgets, calibration, weight parts, peaks)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,13 @@ import pytest
 import torch
 
 from smi_hub.models import load_weights_folder
+from smi_hub.script_modules import load_file_module
 
 ROOT = Path(__file__).parents[1]
 
 
 def _load_suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py", register=False)
 
 
 gs = _load_suite()

@@ -33,6 +33,7 @@ from smi_hub import (
 from smi_hub.fileio import sha256_file
 from smi_hub.hub import entry_info
 from smi_hub.registry import REGISTRY, get_entry
+from smi_hub.script_modules import load_file_module
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = {"image_size": 28, "mean": [0.286] * 3, "std": [0.353] * 3}
@@ -405,11 +406,7 @@ def test_url_errors(folder, server, tmp_path):
 
 
 def test_hubconf_entries_cover_registry():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hubconf_under_test", REPO / "hubconf.py")
-    hubconf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hubconf)
+    hubconf = load_file_module("hubconf_under_test", REPO / "hubconf.py", register=False)
     entries = [n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith("_")]
     assert all(__import__("importlib").util.find_spec(d) for d in hubconf.dependencies)
     for name in [*REGISTRY, "smi_default", "smi_resnet18", "smi_resnet50"]:

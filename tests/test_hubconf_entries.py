@@ -4,7 +4,6 @@ a docstring saying what to pass."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import smi_hub
 from smi_hub.errors import WeightsNotPublishedError
 from smi_hub.registry import REGISTRY
+from smi_hub.script_modules import load_file_module
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {  # entry point -> the registry entry it loads
@@ -24,10 +24,7 @@ EXPECTED = {  # entry point -> the registry entry it loads
 
 
 def _hubconf():
-    spec = importlib.util.spec_from_file_location("hubconf_entries_under_test", REPO / "hubconf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("hubconf_entries_under_test", REPO / "hubconf.py", register=False)
 
 
 def _entries(module) -> list[str]:

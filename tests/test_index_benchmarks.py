@@ -3,13 +3,14 @@ ground truth and recall / queries-per-second code, and each script end to end.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from smi_hub.script_modules import load_file_module
 
 pytest.importorskip("faiss")
 
@@ -19,12 +20,9 @@ ROOT = Path(__file__).parents[1]
 def _load(name: str):
     sys.path.insert(0, str(ROOT / "benchmarks"))  # index_refine imports index_scale
     try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        return load_file_module(name, ROOT / "benchmarks" / f"{name}.py", register=False)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return module
 
 
 @pytest.fixture(scope="module")

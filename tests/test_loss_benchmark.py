@@ -1,6 +1,5 @@
 """benchmarks/loss_cost.py runs on tiny cases (timing and memory passes) and writes its JSON."""
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -9,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from smi_hub.script_modules import load_file_module
+
 ROOT = Path(__file__).parents[1]
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("loss_cost", ROOT / "benchmarks" / "loss_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("loss_cost", ROOT / "benchmarks" / "loss_cost.py", register=False)
 
 
 @pytest.mark.slow
