@@ -1,4 +1,5 @@
-"""smi_hub.script_modules: files that are no package (demo/*.py) loaded by path."""
+"""smi_hub.script_modules: files that are no package (demo/, benchmarks/, hubconf.py) loaded by
+path."""
 
 from __future__ import annotations
 
