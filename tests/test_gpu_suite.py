@@ -1,5 +1,6 @@
-"""benchmarks/gpu_suite.py: the CPU dry run (--quick) through the wrapper, step deadlines,
-and the helpers the GPU run depends on (budgets, calibration, weight parts, peaks)."""
+"""benchmarks/gpu_suite.py and its step modules (gpu_suite_*.py): the CPU dry run (--quick)
+through the wrapper, step deadlines, and the helpers the GPU run depends on (budgets,
+calibration, weight parts, peaks)."""
 
 import json
 import os
@@ -22,6 +23,12 @@ def _load_suite():
 
 
 gs = _load_suite()
+# The step modules as the suite loaded them (benchmarks/gpu_suite_*.py): each name is reached,
+# and patched, in the module whose functions look it up.
+environment_step = gs.environment_step
+measurement_steps = gs.measurement_steps
+fmnist_step = gs.fmnist_step
+input_step = gs.input_step
 
 
 def _is_commit(rev: str) -> bool:
@@ -72,8 +79,8 @@ def test_quick_suite_through_the_wrapper(tmp_path):
 
     train = data["steps"]["train_step"]["result"]
     eager = [row for row in train["rows"] if not row["compiled"]]
-    assert [row["loss"] for row in eager] == list(gs.LOSSES)
-    cfg = gs.TRAIN["quick"]
+    assert [row["loss"] for row in eager] == list(measurement_steps.LOSSES)
+    cfg = measurement_steps.TRAIN["quick"]
     for row in train["rows"]:
         assert row["steps_timed"] == cfg["steps"]
         assert row["step_ms_min"] <= row["step_ms_median"]
@@ -92,7 +99,7 @@ def test_quick_suite_through_the_wrapper(tmp_path):
     assert isinstance(train["compile"], str | dict)
 
     loss = data["steps"]["loss_cost"]["result"]
-    grid = gs.LOSS_GRID["quick"]
+    grid = measurement_steps.LOSS_GRID["quick"]
     assert sorted((c["n"], c["d"]) for c in loss["cases"]) == sorted(
         (n, d) for n in grid["n"] for d in grid["d"]
     )
@@ -117,7 +124,7 @@ def test_quick_suite_through_the_wrapper(tmp_path):
     assert comp["default_knn_top1"] == 85.3 and comp["comparable"] is False
     assert 20 < comp["knn_top1"] <= 100  # chance is 10 %
     assert comp["beats_default"] == (comp["knn_top1"] > 85.3)
-    folder = out / gs.EXPORT_NAME["quick"]
+    folder = out / fmnist_step.EXPORT_NAME["quick"]
     assert sorted(fm["export"]["files"]) == sorted(p.name for p in folder.iterdir())
     model = load_weights_folder(folder)  # verifies the sha256 of the weights
     assert model.base_width == 8
@@ -196,10 +203,10 @@ def test_calibration_uses_the_last_two_epochs():
         {"type": "epoch", "step": 30, "elapsed_s": 9.0},  # first epoch: warm-up, ignored
         {"type": "epoch", "step": 60, "elapsed_s": 12.0},
     ]
-    rate = gs._calibrate(records, wall_s=20.0)
+    rate = fmnist_step._calibrate(records, wall_s=20.0)
     assert rate == {"seconds_per_step": pytest.approx(0.1), "fixed_s": pytest.approx(8.0)}
     with pytest.raises(RuntimeError, match="needs 2"):
-        gs._calibrate(records[:3], wall_s=20.0)
+        fmnist_step._calibrate(records[:3], wall_s=20.0)
 
 
 def test_weights_are_cut_into_parts_that_reassemble(tmp_path, monkeypatch):
@@ -207,23 +214,23 @@ def test_weights_are_cut_into_parts_that_reassemble(tmp_path, monkeypatch):
     payload = os.urandom(25)
     src.write_bytes(payload)
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(gs, "PART_BYTES", 10)
-    names = gs._split_copy(src, tmp_path / "out" / src.name)
+    monkeypatch.setattr(fmnist_step, "PART_BYTES", 10)
+    names = fmnist_step._split_copy(src, tmp_path / "out" / src.name)
     assert names == [f"model.safetensors.part{i}" for i in range(3)]
     assert b"".join((tmp_path / "out" / n).read_bytes() for n in names) == payload
-    monkeypatch.setattr(gs, "PART_BYTES", 25)
-    assert gs._split_copy(src, tmp_path / "whole.safetensors") == ["whole.safetensors"]
+    monkeypatch.setattr(fmnist_step, "PART_BYTES", 25)
+    assert fmnist_step._split_copy(src, tmp_path / "whole.safetensors") == ["whole.safetensors"]
 
 
 def test_datasheet_peaks_by_device_name():
-    assert gs.datasheet_bf16("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert gs.datasheet_bf16("NVIDIA H100 PCIe") == 756.5e12
-    assert gs.datasheet_bf16("NVIDIA H200") == 989.4e12
-    assert gs.datasheet_bf16("NVIDIA GeForce RTX 4090") is None
+    assert environment_step.datasheet_bf16("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert environment_step.datasheet_bf16("NVIDIA H100 PCIe") == 756.5e12
+    assert environment_step.datasheet_bf16("NVIDIA H200") == 989.4e12
+    assert environment_step.datasheet_bf16("NVIDIA GeForce RTX 4090") is None
 
 
 def test_git_revision_names_a_commit_of_the_checkout():
-    rev = gs.git_revision()
+    rev = environment_step.git_revision()
     if _in_git():
         assert rev["from"] == "git" and _is_commit(rev["commit"])
         assert isinstance(rev["dirty"], bool)
@@ -234,7 +241,9 @@ def test_git_revision_names_a_commit_of_the_checkout():
 @pytest.mark.slow
 def test_environment_step_records_versions(tmp_path):
     suite = _suite(tmp_path)
-    rec = gs.run_step(suite, "environment", gs.step_environment, budget_s=60, grace_s=5)
+    rec = gs.run_step(
+        suite, "environment", environment_step.step_environment, budget_s=60, grace_s=5
+    )
     assert rec["status"] == "ok"
     res = rec["result"]
     assert res["torch"] == torch.__version__ and res["cpu_count"] == os.cpu_count()
@@ -254,10 +263,10 @@ def test_quick_input_pipeline_step(tmp_path):
     assert rows[0]["variant"].startswith("today") and rows[0]["cost_vs_today"] == 1.0
     assert all(r["ms_per_image_per_core"] > 0 for r in rows)
     e2e = rec["result"]["end_to_end"]
-    assert e2e["timed_steps"] == gs.INPUT["quick"]["steps"]
+    assert e2e["timed_steps"] == input_step.INPUT["quick"]["steps"]
     assert e2e["images_per_s_end_to_end"] > 0 and e2e["images_per_s_step_only"] > 0
     ex = rec["result"]["extract"]
-    n = gs.INPUT["quick"]["extract_images"]
+    n = input_step.INPUT["quick"]["extract_images"]
     assert ex["rows_decode_cpu"] == ex["rows_decode_device"] == n and ex["device_over_cpu"] > 0
     assert ex["pixels_vs_cpu_path"]["max_grey_levels"] <= 1.001  # on the CPU: libjpeg-turbo
     assert any(r["variant"].startswith("extract --decode device") for r in rows)
