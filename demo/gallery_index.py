@@ -15,6 +15,7 @@ import torch
 
 import smi_hub
 from smi_hub.errors import SMIHubError
+from smi_hub.features import weights_digest
 from smi_hub.gallery import label_of
 from smi_hub.ood import PROFILE_QUERIES, neighbour_profile
 
@@ -31,15 +32,11 @@ class CachedIndex(NamedTuple):
 
 def model_sha256(model: torch.nn.Module) -> str:
     """The weights' sha256: ``weights_sha256`` of the folder the model was loaded from, else
-    the sha256 of its state dict (names and bytes)."""
+    the state dict's digest a feature store records (:func:`smi_hub.features.weights_digest`)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("weights_sha256"):
         return str(cfg["weights_sha256"])
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+    return weights_digest(model)
 
 
 def gallery_signature(gallery: Path, files: Sequence[Path]) -> str:

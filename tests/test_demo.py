@@ -15,6 +15,7 @@ from PIL import Image
 
 import smi_hub
 from smi_hub import fashion_mnist
+from smi_hub.features import weights_digest
 from smi_hub.gallery import default_gallery
 
 # pandas deprecations inside gradio's queue, not ours
@@ -28,7 +29,6 @@ pytestmark = [
 app = load_demo_app("smi_hub_demo_app_test")
 core = load_demo_engine()  # demo/engine.py, app.core
 display = load_demo_module("display")  # demo/display.py, app.display
-gallery_index = load_demo_module("gallery_index")  # demo/gallery_index.py
 
 
 def make_model(seed: int) -> smi_hub.SMIModel:
@@ -212,7 +212,7 @@ def test_cache_reused_and_invalidated(env, tmp_path):
     assert other.cache_hit and other.index_dir == first.index_dir
     # a model not loaded from a folder is keyed by the sha256 of its state dict
     mem = core.SearchEngine(make_model(3), gallery, **kw)
-    assert not mem.cache_hit and mem.model_key == gallery_index.model_sha256(make_model(3))
+    assert not mem.cache_hit and mem.model_key == weights_digest(make_model(3))
     assert core.SearchEngine(make_model(3), gallery, **kw).cache_hit
 
     # the gallery changes: a file added, then a file rewritten (mtime / size)
